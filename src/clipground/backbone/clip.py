@@ -1,0 +1,291 @@
+"""A frozen CLIP backbone loaded through transformers.
+
+``ClipBackbone.from_pretrained(name_or_path)`` accepts a hub id (default
+``openai/clip-vit-base-patch32``), a local directory written by ``save_pretrained``, or a
+bundled name (``clipground/world-clip``, the small CLIP our own code pretrains in the
+synthetic world and ships inside the package). All three take the same code path:
+``CLIPModel.from_pretrained`` and ``CLIPProcessor.from_pretrained``.
+
+Offline, a hub id that is not in the local cache fails fast with one line that names the
+id and says how to pass a local directory, instead of transformers' retry loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import BadPhraseError, CheckpointNotFoundError
+
+DEFAULT_BACKBONE = "openai/clip-vit-base-patch32"
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: Checkpoints shipped inside the package, addressable by name like hub ids.
+BUNDLED: dict[str, Path] = {"clipground/world-clip": _ASSETS / "world-clip"}
+
+
+@dataclass
+class ImageFeatures:
+    """Image-tower outputs for a batch.
+
+    Attributes:
+        embeds: ``(N, D)`` L2-normalized image embeddings in the joint space.
+        patch_tokens: ``(N, P, Dv)`` last-layer patch token states (CLS removed), pre-projection.
+        patch_embeds: ``(N, P, D)`` patch tokens passed through the post-LayerNorm and the
+            visual projection (the joint space; used for dense patch-text similarity).
+        grid: ``(h, w)`` patch grid, ``h * w == P``.
+    """
+
+    embeds: torch.Tensor
+    patch_tokens: torch.Tensor
+    patch_embeds: torch.Tensor
+    grid: tuple[int, int]
+
+
+@dataclass
+class TextFeatures:
+    """Text-tower outputs: ``embeds (N, D)`` normalized, ``tokens (N, L, Dt)``, ``mask (N, L)``."""
+
+    embeds: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick TCP check of the Hugging Face endpoint, so offline runs fail in seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_message(name: str) -> str:
+    return (
+        f"cannot load CLIP checkpoint '{name}': it is not in the local Hugging Face cache and the hub is "
+        f"unreachable; download it where you have internet (e.g. `huggingface-cli download {name} "
+        f"--local-dir DIR`) and pass that directory instead (--backbone DIR), or use the bundled "
+        f"offline model --backbone clipground/world-clip"
+    )
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, bool]:
+    """Map a bundled name, local directory or hub id to ``(path_or_id, local_files_only)``.
+
+    Raises:
+        CheckpointNotFoundError: a local path that does not exist, or a hub id that is
+            neither cached nor reachable.
+    """
+    name = str(name_or_path)
+    if name in BUNDLED:
+        path = BUNDLED[name]
+        if not (path / "config.json").is_file():
+            raise CheckpointNotFoundError(f"bundled checkpoint '{name}' is missing from this install ({path})")
+        return str(path), True
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise CheckpointNotFoundError(f"'{p}' is a directory but has no config.json: not a save_pretrained checkpoint")
+        return str(p), True
+    looks_local = name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+    if looks_local or p.exists():
+        raise CheckpointNotFoundError(f"checkpoint directory not found: {name}")
+    # A hub id: prefer the local cache, go online only if the hub answers.
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if isinstance(cached, str):
+            return name, True
+    except Exception:  # pragma: no cover - cache probing is best effort
+        pass
+    if not _hub_reachable():
+        raise CheckpointNotFoundError(_offline_message(name))
+    return name, False
+
+
+class ClipBackbone(nn.Module):
+    """Frozen CLIP: batched image/text encoding plus the checkpoint's own preprocessing.
+
+    The model is in eval mode with ``requires_grad=False`` unless a method calls
+    :meth:`unfreeze`. Text embeddings are memoized (phrases repeat across predictions).
+    """
+
+    def __init__(self, model: nn.Module, processor, name: str = "", text_cache_size: int = 4096):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.name = name
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_cache_size = text_cache_size
+        self.freeze()
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_BACKBONE, device: str | torch.device = "cpu",
+                        **kwargs) -> "ClipBackbone":
+        """Load a CLIP checkpoint (hub id, local directory or bundled name)."""
+        from transformers import CLIPModel, CLIPProcessor
+
+        path, local_only = resolve_checkpoint(name_or_path)
+        try:
+            model = CLIPModel.from_pretrained(path, local_files_only=local_only, **kwargs)
+            processor = CLIPProcessor.from_pretrained(path, local_files_only=local_only)
+        except OSError as e:
+            if local_only and not Path(path).is_dir():
+                raise CheckpointNotFoundError(_offline_message(str(name_or_path))) from None
+            raise CheckpointNotFoundError(f"cannot load CLIP checkpoint '{name_or_path}': {str(e).splitlines()[0]}") from None
+        return cls(model.to(device), processor, name=str(name_or_path))
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the model and processor in the standard transformers layout."""
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+    # ----------------------------------------------------------------- state
+    def freeze(self) -> "ClipBackbone":
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def unfreeze(self) -> "ClipBackbone":
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.model.config.vision_config.hidden_size)
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    @property
+    def max_text_tokens(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    # ----------------------------------------------------------------- preprocessing
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The checkpoint's own image preprocessing -> ``pixel_values (N, 3, S, S)``."""
+        out = self.processor.image_processor(images=list(images), return_tensors="pt")
+        return out["pixel_values"].to(self.device)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenize with the checkpoint's tokenizer; refuses texts longer than the context."""
+        texts = [check_phrase(t) for t in texts]
+        tok = self.processor.tokenizer(list(texts), padding=True, return_tensors="pt")
+        if tok["input_ids"].shape[1] > self.max_text_tokens:
+            lengths = tok["attention_mask"].sum(1)
+            i = int(lengths.argmax())
+            raise BadPhraseError(
+                f"phrase is too long: {int(lengths[i])} tokens, the model accepts {self.max_text_tokens} "
+                f"({texts[i][:60]!r}...)"
+            )
+        return {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+
+    # ----------------------------------------------------------------- encoding
+    def forward_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        """Image tower on preprocessed pixels (differentiable when unfrozen)."""
+        m = self.model
+        out = m.vision_model(pixel_values=pixel_values)
+        pooled = m.visual_projection(out.pooler_output)
+        patches = out.last_hidden_state[:, 1:]
+        patch_embeds = m.visual_projection(m.vision_model.post_layernorm(patches))
+        p = patches.shape[1]
+        side = int(round(p ** 0.5))
+        grid = (side, p // side) if side * (p // side) == p else (1, p)
+        return ImageFeatures(nn.functional.normalize(pooled, dim=-1), patches, patch_embeds, grid)
+
+    def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        """Text tower on token ids (differentiable when unfrozen)."""
+        m = self.model
+        out = m.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        pooled = m.text_projection(out.pooler_output)
+        return TextFeatures(nn.functional.normalize(pooled, dim=-1), out.last_hidden_state, attention_mask.bool())
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> ImageFeatures:
+        """Encode PIL images in batches."""
+        if len(images) == 0:
+            d, w = self.embed_dim, self.vision_width
+            return ImageFeatures(torch.zeros(0, d), torch.zeros(0, 0, w), torch.zeros(0, 0, d), (0, 0))
+        parts = [self.forward_image(self.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        return ImageFeatures(
+            torch.cat([p.embeds for p in parts]),
+            torch.cat([p.patch_tokens for p in parts]),
+            torch.cat([p.patch_embeds for p in parts]),
+            parts[0].grid,
+        )
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> TextFeatures:
+        """Encode texts in batches (token states padded to the longest in each batch)."""
+        embeds, tokens, masks = [], [], []
+        for i in range(0, len(texts), batch_size):
+            f = self.forward_text(**self.tokenize(texts[i : i + batch_size]))
+            embeds.append(f.embeds)
+            tokens.append(f.tokens)
+            masks.append(f.mask)
+        width = max(t.shape[1] for t in tokens)
+        tokens = [nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in tokens]
+        masks = [nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]
+        return TextFeatures(torch.cat(embeds), torch.cat(tokens), torch.cat(masks))
+
+    def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalized text embeddings ``(N, D)``, memoized per phrase (LRU)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        if missing:
+            emb = self.encode_texts(missing).embeds
+            for t, e in zip(missing, emb):
+                self._text_cache[t] = e
+                if len(self._text_cache) > self._text_cache_size:
+                    self._text_cache.popitem(last=False)
+        for t in texts:
+            self._text_cache.move_to_end(t)
+        return torch.stack([self._text_cache[t] for t in texts]) if texts else torch.zeros(0, self.embed_dim)
+
+
+#: Longest accepted phrase in characters (CLIP's context is 77 tokens anyway).
+MAX_PHRASE_CHARS = 400
+
+
+def check_phrase(phrase: str) -> str:
+    """Validate a referring expression: non-empty, not whitespace-only, not over-long."""
+    if not isinstance(phrase, str):
+        raise BadPhraseError(f"phrase must be a string, got {type(phrase).__name__}")
+    p = " ".join(phrase.split())
+    if not p:
+        raise BadPhraseError("phrase is empty: give a referring expression such as 'the red mug on the left'")
+    if len(p) > MAX_PHRASE_CHARS:
+        raise BadPhraseError(f"phrase is too long: {len(p)} characters, the limit is {MAX_PHRASE_CHARS}")
+    return p

@@ -1,0 +1,1 @@
+"""The ``clipground`` command line (typer)."""

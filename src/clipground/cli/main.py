@@ -1,0 +1,58 @@
+"""Entry point of the ``clipground`` command.
+
+Each subcommand family lives in its own module with a ``register(app)`` function, listed
+in ``_COMMAND_MODULES``. User errors (:class:`~clipground.errors.ClipgroundError`) are
+printed as one line on stderr with a non-zero exit, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from ..errors import ClipgroundError
+
+app = typer.Typer(
+    name="clipground",
+    help="Visual grounding with CLIP: an image and a phrase in, the box it means out.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Subcommand modules; each defines register(app: typer.Typer) -> None.
+_COMMAND_MODULES = [
+    "clipground.cli.predict",
+]
+
+for _name in _COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    """Run the CLI, turning user errors into one clear line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except ClipgroundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The user-facing API, shaped like SAM's predictor.
+
+>>> g = Grounder.load(method="zero-shot", backbone="clipground/world-clip")
+>>> g.set_image("scene.png")          # heavy: proposals + CLIP image features, once
+>>> g.predict("the red circle").box   # cheap: one text encoding + a matrix product
+[x1, y1, x2, y2]
+
+``Grounder.from_pretrained(dir)`` loads a trained method saved by
+:meth:`Grounder.save_pretrained` (``grounder.json`` + ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .backbone import DEFAULT_BACKBONE, ClipBackbone
+from .backbone.clip import check_phrase
+from .errors import CheckpointNotFoundError, ClipgroundError
+from .images import ImageInput, load_image
+from .methods import GroundingMethod, ImageState, Ranking, get_method_class
+from .proposals import ProposalSource, get_proposals
+
+
+@dataclass
+class Prediction:
+    """The grounding of one phrase in one image.
+
+    Attributes:
+        phrase: the expression as given.
+        box: the chosen box, ``[x1, y1, x2, y2]`` float pixels of the displayed image.
+        score: the method's score for that box (higher is better; scale is method-specific).
+        boxes: all candidates ranked best first, ``(K, 4)`` xyxy pixels.
+        scores: their scores ``(K,)``.
+        image_size: ``(width, height)``.
+        fallback: True when the method had no candidate and returned the whole image.
+    """
+
+    phrase: str
+    box: list[float]
+    score: float
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    image_size: tuple[int, int]
+    fallback: bool = False
+
+    def to_dict(self, top_k: int = 5) -> dict[str, Any]:
+        """JSON-able dict with the box and the top-k candidates."""
+        return {
+            "phrase": self.phrase,
+            "box": [round(v, 2) for v in self.box],
+            "box_format": "xyxy",
+            "score": float(self.score),
+            "image_size": list(self.image_size),
+            "fallback": self.fallback,
+            "candidates": [
+                {"box": [round(v, 2) for v in b], "score": float(s)}
+                for b, s in zip(self.boxes[:top_k].tolist(), self.scores[:top_k].tolist())
+            ],
+        }
+
+    def to_hf(self, top_k: int = 1) -> list[dict[str, Any]]:
+        """The transformers ``zero-shot-object-detection`` pipeline's output shape."""
+        out = []
+        for b, s in zip(self.boxes[:top_k].tolist(), self.scores[:top_k].tolist()):
+            out.append({"score": float(s), "label": self.phrase,
+                        "box": {"xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3]}})
+        if not out:
+            b = self.box
+            out.append({"score": float(self.score), "label": self.phrase,
+                        "box": {"xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3]}})
+        return out
+
+    def to_supervision(self, top_k: int = 1):
+        """A ``supervision.Detections`` (needs ``pip install supervision``)."""
+        try:
+            import supervision as sv
+        except ImportError:
+            raise ClipgroundError("to_supervision() needs the supervision package: pip install supervision") from None
+        import numpy as np
+
+        boxes = self.boxes[:top_k] if len(self.boxes) else torch.tensor([self.box])
+        scores = self.scores[:top_k] if len(self.scores) else torch.tensor([self.score])
+        return sv.Detections(
+            xyxy=boxes.numpy().astype(np.float32),
+            confidence=scores.numpy().astype(np.float32),
+            class_id=np.zeros(len(boxes), dtype=int),
+            data={"phrase": np.array([self.phrase] * len(boxes))},
+        )
+
+
+class Grounder:
+    """Grounds phrases in one image at a time: ``set_image`` once, ``predict`` many times."""
+
+    def __init__(self, method: GroundingMethod, proposals: ProposalSource | None = None):
+        if method.uses_proposals and proposals is None:
+            raise ClipgroundError(f"method {method.name!r} needs a proposal source")
+        self.method = method
+        self.proposals = proposals
+        self.state: ImageState | None = None
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def load(
+        cls,
+        method: str = "zero-shot",
+        backbone: str | ClipBackbone = DEFAULT_BACKBONE,
+        proposals: str | ProposalSource | None = "selective-search",
+        device: str = "cpu",
+        **method_options: Any,
+    ) -> "Grounder":
+        """Build a grounder from registered names.
+
+        Args:
+            method: a name from ``clipground methods``.
+            backbone: CLIP hub id, local ``save_pretrained`` directory, bundled name, or a
+                loaded :class:`ClipBackbone`.
+            proposals: ``selective-search``, ``torchvision``, ``gt:instances.json``,
+                ``file:proposals.jsonl``, or a :class:`ProposalSource`.
+            method_options: fields of the method's config.
+        """
+        mcls = get_method_class(method)
+        bb = backbone if isinstance(backbone, ClipBackbone) else ClipBackbone.from_pretrained(backbone, device=device)
+        config = mcls.Config.from_dict(method_options)
+        m = mcls(bb, config)
+        return cls(m, get_proposals(proposals) if mcls.uses_proposals else None)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, proposals: str | ProposalSource | None = None,
+                        device: str = "cpu") -> "Grounder":
+        """Load a grounder saved by :meth:`save_pretrained`.
+
+        A directory without ``grounder.json`` (a plain CLIP checkpoint, hub id or bundled
+        name) loads as the zero-shot method on that backbone.
+        """
+        p = Path(path)
+        if not (p / "grounder.json").is_file():
+            return cls.load("zero-shot", backbone=str(path), proposals=proposals or "selective-search", device=device)
+        meta = json.loads((p / "grounder.json").read_text())
+        mcls = get_method_class(meta["method"])
+        bb_ref = meta["backbone"]
+        bb_path = p / "backbone" if mcls.saves_backbone and (p / "backbone").is_dir() else bb_ref
+        bb = ClipBackbone.from_pretrained(bb_path, device=device)
+        bb.name = bb_ref
+        m = mcls(bb, mcls.Config.from_dict(meta["config"]))
+        weights = p / "model.safetensors"
+        if weights.is_file():
+            missing, unexpected = m.load_state_dict(load_file(str(weights)), strict=False)
+            missing = [k for k in missing if not k.startswith("backbone.")]
+            if missing or unexpected:
+                raise CheckpointNotFoundError(f"{weights} does not match method {mcls.name!r}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        m.eval()
+        if proposals is None and mcls.uses_proposals:
+            pc = dict(meta.get("proposals") or {"name": "selective-search"})
+            proposals = get_proposals(pc.pop("name"), **pc)
+        return cls(m, get_proposals(proposals) if mcls.uses_proposals else None)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``grounder.json`` and ``model.safetensors`` (and the backbone if fine-tuned) atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+        meta = {
+            "method": self.method.name,
+            "config": self.method.config.to_dict(),
+            "backbone": self.method.backbone.name,
+            "proposals": self.proposals.config() if self.proposals is not None else None,
+            "format_version": 1,
+        }
+        (tmp / "grounder.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.method.trainable_state_dict().items()}
+        if state:
+            save_file(state, str(tmp / "model.safetensors"))
+        if self.method.saves_backbone:
+            self.method.backbone.save_pretrained(tmp / "backbone")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+
+    # ----------------------------------------------------------------- inference
+    @property
+    def backbone(self) -> ClipBackbone:
+        return self.method.backbone
+
+    def set_image(self, image: ImageInput, image_key: str | None = None) -> "Grounder":
+        """Load ``image`` and do the heavy per-image work (proposals, CLIP features) once.
+
+        ``image_key`` names the image for file-keyed proposal sources when pixels are
+        passed instead of a path.
+        """
+        img = load_image(image)
+        if image_key is None and isinstance(image, (str, os.PathLike)):
+            image_key = str(image)
+        state = ImageState(image=img, key=image_key)
+        if self.method.uses_proposals:
+            state.proposals = self.proposals(img, image_key)
+        with torch.inference_mode():
+            self.method.encode_image(state)
+        self.state = state
+        return self
+
+    def predict_batch(self, phrases: Sequence[str]) -> list[Prediction]:
+        """Ground several phrases in the current image (one batched text encoding)."""
+        if self.state is None:
+            raise ClipgroundError("call set_image(image) before predict()")
+        if isinstance(phrases, str):
+            raise ClipgroundError("predict_batch() takes a list of phrases; use predict() for one")
+        phrases = [check_phrase(p) for p in phrases]
+        w, h = self.state.size
+        with torch.inference_mode():
+            if len(phrases) > 1:
+                self.backbone.text_embeds(phrases)  # one batched text pass fills the cache
+            rankings: list[Ranking] = self.method.rank(self.state, phrases)
+        out = []
+        for phrase, r in zip(phrases, rankings):
+            if len(r.boxes) == 0:
+                out.append(Prediction(phrase, [0.0, 0.0, float(w), float(h)], 0.0, r.boxes, r.scores, (w, h), True))
+            else:
+                out.append(Prediction(phrase, r.boxes[0].tolist(), float(r.scores[0]), r.boxes, r.scores, (w, h)))
+        return out
+
+    def predict(self, phrase: str) -> Prediction:
+        """Ground one phrase in the current image."""
+        return self.predict_batch([phrase])[0]
+
+    def __call__(self, image: ImageInput, phrases: str | Sequence[str]) -> Prediction | list[Prediction]:
+        """One call: ``set_image`` then ``predict`` (a list of phrases gives a list)."""
+        self.set_image(image)
+        if isinstance(phrases, str):
+            return self.predict(phrases)
+        return self.predict_batch(list(phrases))
+
+
+def load(method: str = "zero-shot", backbone: str = DEFAULT_BACKBONE, proposals: str | None = "selective-search",
+         **kwargs: Any) -> Grounder:
+    """Shortcut for :meth:`Grounder.load`."""
+    return Grounder.load(method=method, backbone=backbone, proposals=proposals, **kwargs)

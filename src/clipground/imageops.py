@@ -1,0 +1,82 @@
+"""Isolated-proposal views: how a box is shown to CLIP.
+
+* ``crop``: the box region alone (the design documents' baseline; ReCLIP's "crop").
+* ``blur``: the whole image with everything outside the box Gaussian-blurred, so CLIP
+  still sees context and absolute size (ReCLIP, Subramanian et al., ACL 2022).
+* ``circle``: the whole image with a red ellipse drawn around the box (Red Circle,
+  Shtedritski et al., ICCV 2023).
+
+These are shared by zero-shot scoring, feature caching and pretraining, so a model
+pretrained on these views is scored with exactly the same views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+VIEW_KINDS = ("crop", "blur", "circle")
+
+
+def _int_box(box: Sequence[float], w: int, h: int) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, y1 = max(0, int(round(x1))), max(0, int(round(y1)))
+    x2, y2 = min(w, max(x1 + 1, int(round(x2)))), min(h, max(y1 + 1, int(round(y2))))
+    return x1, y1, x2, y2
+
+
+def crop_view(image: Image.Image, box: Sequence[float]) -> Image.Image:
+    """The box region alone."""
+    return image.crop(_int_box(box, *image.size))
+
+
+def blur_view(image: Image.Image, box: Sequence[float], radius: float | None = None,
+              blurred: Image.Image | None = None) -> Image.Image:
+    """Whole image, blurred outside ``box``. Pass ``blurred`` to reuse one blur for many boxes."""
+    if blurred is None:
+        blurred = blur_image(image, radius)
+    out = blurred.copy()
+    b = _int_box(box, *image.size)
+    out.paste(image.crop(b), b[:2])
+    return out
+
+
+def blur_image(image: Image.Image, radius: float | None = None) -> Image.Image:
+    """The Gaussian-blurred background used by :func:`blur_view` (radius scales with size)."""
+    if radius is None:
+        radius = max(2.0, 0.02 * max(image.size))
+    return image.filter(ImageFilter.GaussianBlur(radius))
+
+
+def circle_view(image: Image.Image, box: Sequence[float], width: int | None = None) -> Image.Image:
+    """Whole image with a red ellipse around ``box``."""
+    out = image.copy()
+    w, h = image.size
+    if width is None:
+        width = max(1, int(round(0.01 * max(w, h))))
+    x1, y1, x2, y2 = (float(v) for v in box)
+    # Enlarge slightly so the outline does not cover the object itself.
+    dx, dy = 0.1 * (x2 - x1), 0.1 * (y2 - y1)
+    ImageDraw.Draw(out).ellipse([x1 - dx, y1 - dy, x2 + dx, y2 + dy], outline=(255, 0, 0), width=width)
+    return out
+
+
+def render_views(image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[float]],
+                 kinds: Sequence[str] = VIEW_KINDS) -> dict[str, list[Image.Image]]:
+    """Render each of ``kinds`` for every box; the blur is computed once per image."""
+    unknown = set(kinds) - set(VIEW_KINDS)
+    if unknown:
+        raise ValueError(f"unknown view kind(s) {sorted(unknown)}; choose from {VIEW_KINDS}")
+    boxes = [list(map(float, b)) for b in (boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes)]
+    out: dict[str, list[Image.Image]] = {}
+    blurred = blur_image(image) if "blur" in kinds else None
+    for k in kinds:
+        if k == "crop":
+            out[k] = [crop_view(image, b) for b in boxes]
+        elif k == "blur":
+            out[k] = [blur_view(image, b, blurred=blurred) for b in boxes]
+        else:
+            out[k] = [circle_view(image, b) for b in boxes]
+    return out

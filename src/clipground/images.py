@@ -1,0 +1,117 @@
+"""Image input: one loader that accepts what users pass and rejects what it cannot read.
+
+Accepts a path, a PIL image, a numpy array (HxW, HxWx3, HxWx4; uint8, uint16 or float in
+[0, 1]) or a torch tensor (CxHxW or HxWxC). Returns an RGB ``PIL.Image`` in its displayed
+orientation (EXIF rotation applied), so every box inside clipground refers to what a
+person sees. CMYK, 16-bit, palette, grayscale and alpha images are converted; truncated,
+unreadable and oversized images raise :class:`~clipground.errors.BadImageError`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import BadImageError
+
+#: Largest accepted image, in pixels (width x height). Larger images are refused rather
+#: than silently decoding hundreds of megabytes; resize them first.
+MAX_PIXELS = 64_000_000
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # CHW -> HWC
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise BadImageError(f"array of shape {a.shape} is not an image (need HxW, HxWx3 or HxWx4)")
+    if a.dtype == np.uint16:
+        a = (a.astype(np.float32) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise BadImageError("image array has NaN or infinite values")
+        a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        raise BadImageError(f"unsupported image array dtype {a.dtype}")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB the way a viewer would show it."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray((np.clip(a / hi, 0, 1) * 255 + 0.5).astype(np.uint8))
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Composite on white: transparent pixels are what a viewer shows as background.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Load ``image`` as an RGB PIL image in displayed orientation.
+
+    Raises:
+        BadImageError: missing/unreadable/truncated file, unsupported array, or more
+            than ``max_pixels`` pixels.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.exists():
+            raise BadImageError(f"image not found: {path}")
+        if not path.is_file():
+            raise BadImageError(f"not a file: {path}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    w, h = im.size
+                    if w * h > max_pixels:
+                        raise BadImageError(
+                            f"image {path} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}; resize it first"
+                        )
+                    im.load()  # forces full decode: truncated files fail here
+                    img = ImageOps.exif_transpose(im) or im
+                    img = img.copy()
+        except BadImageError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadImageError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadImageError(f"cannot decode {path}: file is truncated or corrupt ({e})") from None
+    elif isinstance(image, Image.Image):
+        try:
+            image.load()
+        except OSError as e:
+            raise BadImageError(f"cannot decode image: truncated or corrupt ({e})") from None
+        img = ImageOps.exif_transpose(image) or image
+    elif isinstance(image, torch.Tensor):
+        img = _from_array(image.detach().cpu().numpy())
+    elif isinstance(image, np.ndarray):
+        img = _from_array(image)
+    else:
+        raise BadImageError(f"unsupported image input of type {type(image).__name__}")
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise BadImageError(f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise BadImageError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}; resize it first")
+    return _to_rgb(img)

@@ -1,0 +1,113 @@
+"""The method contract every grounding method follows, and the name registry.
+
+A method is split like SAM's predictor: :meth:`GroundingMethod.encode_image` does the
+heavy per-image work once (crops, CLIP image features, proposal features) and stores it
+in an :class:`ImageState`; :meth:`GroundingMethod.rank` is the cheap per-phrase call that
+returns candidate boxes ranked by score. Methods get CLIP features only through the
+shared :class:`~clipground.backbone.ClipBackbone`; none re-implements CLIP plumbing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..backbone import ClipBackbone
+from ..errors import UnknownNameError
+from ..proposals import Proposals
+
+
+@dataclass
+class ImageState:
+    """Everything computed once per image: the image, its proposals and method features."""
+
+    image: Image.Image
+    key: str | None = None
+    proposals: Proposals | None = None
+    features: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` in pixels."""
+        return self.image.size
+
+
+@dataclass
+class Ranking:
+    """Candidate boxes for one phrase, best first: ``boxes (K, 4)`` xyxy pixels, ``scores (K,)``."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclass
+class MethodConfig:
+    """Base config; each method subclasses it with its own fields (saved as JSON)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise UnknownNameError(f"unknown option(s) for {cls.__name__}: {sorted(unknown)}; known: {sorted(names)}")
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kwargs)
+
+
+class GroundingMethod(nn.Module):
+    """Base class. Subclasses set ``name``, ``Config``, and implement the two calls.
+
+    Class attributes:
+        name: registry name (``clipground methods`` lists them).
+        Config: the method's :class:`MethodConfig` subclass.
+        uses_proposals: whether :class:`~clipground.Grounder` must run a proposal source.
+        trainable: whether ``clipground train`` can fit it.
+        saves_backbone: whether a saved method must include the (fine-tuned) backbone.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_proposals: ClassVar[bool] = True
+    trainable: ClassVar[bool] = False
+    saves_backbone: ClassVar[bool] = False
+
+    def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config if config is not None else self.Config()
+
+    def encode_image(self, state: ImageState) -> None:
+        """Heavy per-image work; store results in ``state.features``."""
+        raise NotImplementedError
+
+    def rank(self, state: ImageState, phrases: list[str]) -> list[Ranking]:
+        """Cheap per-phrase work: ranked candidate boxes for each phrase."""
+        raise NotImplementedError
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights to save (everything except a frozen shared backbone)."""
+        return {k: v for k, v in self.state_dict().items() if self.saves_backbone or not k.startswith("backbone.")}
+
+
+METHODS: dict[str, type[GroundingMethod]] = {}
+
+
+def register_method(cls: type[GroundingMethod]) -> type[GroundingMethod]:
+    """Class decorator: make a method available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method_class(name: str) -> type[GroundingMethod]:
+    if name not in METHODS:
+        raise UnknownNameError(f"unknown method {name!r}; choose from {sorted(METHODS)} (see `clipground methods`)")
+    return METHODS[name]

@@ -1,0 +1,154 @@
+"""Proposals read from files: ground-truth COCO boxes (oracle) and precomputed boxes.
+
+Both are keyed by image file. A lookup tries the exact path, then the longest stored
+relative ``file_name`` the path ends with, then the bare file name (when unambiguous).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .. import boxes as B
+from ..errors import BadAnnotationError
+from .base import ProposalSource, register_proposals
+
+
+class _BoxIndex:
+    """Maps image file names (relative paths or base names) to boxes and scores."""
+
+    def __init__(self, entries: dict[str, tuple[list[list[float]], list[float]]]):
+        self.entries = {k.replace("\\", "/"): v for k, v in entries.items()}
+        base: dict[str, list[str]] = defaultdict(list)
+        for k in self.entries:
+            base[os.path.basename(k)].append(k)
+        self.by_base = base
+
+    def lookup(self, key: str) -> tuple[list[list[float]], list[float]] | None:
+        key = key.replace("\\", "/")
+        if key in self.entries:
+            return self.entries[key]
+        best = None
+        for k in self.by_base.get(os.path.basename(key), []):
+            if key.endswith("/" + k) or key == k:
+                if best is None or len(k) > len(best):
+                    best = k
+        if best is not None:
+            return self.entries[best]
+        cands = self.by_base.get(os.path.basename(key), [])
+        if len(cands) == 1:
+            return self.entries[cands[0]]
+        return None
+
+
+def _load_json(path: Path):
+    if not path.is_file():
+        raise BadAnnotationError(f"proposal file not found: {path}")
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            if path.suffix == ".jsonl":
+                return [json.loads(line) for line in f if line.strip()]
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadAnnotationError(f"{path} is not valid JSON ({e})") from None
+
+
+_INDEX_CACHE: dict[tuple[str, str, float], _BoxIndex] = {}
+
+
+def _coco_index(path: Path) -> _BoxIndex:
+    key = ("coco", str(path.resolve()), path.stat().st_mtime)
+    if key in _INDEX_CACHE:
+        return _INDEX_CACHE[key]
+    data = _load_json(path)
+    try:
+        names = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+        entries: dict[str, tuple[list, list]] = {n: ([], []) for n in names.values()}
+        for a in data["annotations"]:
+            box = B.from_xywh(a["bbox"])[0].tolist()
+            entries[names[int(a["image_id"])]][0].append(box)
+            entries[names[int(a["image_id"])]][1].append(1.0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadAnnotationError(f"{path} is not a COCO instances file ({type(e).__name__}: {e})") from None
+    idx = _BoxIndex(entries)
+    _INDEX_CACHE[key] = idx
+    return idx
+
+
+@register_proposals
+@dataclass
+class GroundTruthBoxes(ProposalSource):
+    """Every annotated object box of the image from a COCO instances file (the oracle).
+
+    With these proposals a method's accuracy is not capped by proposal recall, which is
+    how the field reports upper bounds ("ground-truth COCO boxes contain the target for
+    99.6% of RefCOCOg"). Images absent from the file get no proposals.
+    """
+
+    name = "gt"
+    needs_image_key = True
+    path: str = ""
+    nms_iou: float | None = None
+    min_size: float = 1.0
+    top_k: int = 1000
+
+    def raw(self, image: Image.Image, image_key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if image_key is None:
+            raise BadAnnotationError("ground-truth proposals need the image's file path (pass a path, not pixels)")
+        hit = _coco_index(Path(self.path)).lookup(image_key)
+        if hit is None:
+            return torch.zeros(0, 4), torch.zeros(0)
+        return torch.tensor(hit[0], dtype=torch.float32).reshape(-1, 4), torch.tensor(hit[1])
+
+
+@register_proposals
+@dataclass
+class PrecomputedProposals(ProposalSource):
+    """Boxes from a JSON/JSONL file written by any detector.
+
+    Format: a JSON object ``{file_name: {"boxes": [[x1,y1,x2,y2], ...], "scores": [...]}}``
+    or JSONL lines ``{"image": file_name, "boxes": [...], "scores": [...],
+    "box_format": "xyxy"|"xywh"}``. Scores are optional (then file order ranks).
+    """
+
+    name = "file"
+    needs_image_key = True
+    path: str = ""
+    nms_iou: float | None = None
+
+    def _index(self) -> _BoxIndex:
+        p = Path(self.path)
+        key = ("file", str(p.resolve()) if p.exists() else str(p), p.stat().st_mtime if p.exists() else 0.0)
+        if key in _INDEX_CACHE:
+            return _INDEX_CACHE[key]
+        data = _load_json(p)
+        rows = data if isinstance(data, list) else [{"image": k, **v} for k, v in data.items()]
+        entries = {}
+        try:
+            for r in rows:
+                fmt = r.get("box_format", "xyxy")
+                bx = r["boxes"]
+                bx = (B.from_xywh(bx) if fmt == "xywh" else B.as_boxes(bx)).tolist() if len(bx) else []
+                sc = r.get("scores") or [1.0 - i / max(1, len(bx)) for i in range(len(bx))]
+                if len(sc) != len(bx):
+                    raise ValueError(f"{len(bx)} boxes but {len(sc)} scores for {r['image']}")
+                entries[str(r["image"])] = (bx, [float(s) for s in sc])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadAnnotationError(f"{p}: malformed proposal record ({e})") from None
+        idx = _BoxIndex(entries)
+        _INDEX_CACHE[key] = idx
+        return idx
+
+    def raw(self, image: Image.Image, image_key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if image_key is None:
+            raise BadAnnotationError("precomputed proposals need the image's file path (pass a path, not pixels)")
+        hit = self._index().lookup(image_key)
+        if hit is None:
+            return torch.zeros(0, 4), torch.zeros(0)
+        return torch.tensor(hit[0], dtype=torch.float32).reshape(-1, 4), torch.tensor(hit[1])

@@ -1,0 +1,227 @@
+"""Spatial-relation parsing and resolution, ReCLIP-style (Subramanian et al., ACL 2022).
+
+CLIP is weak at spatial words, so ReCLIP parses an expression into a subject noun phrase,
+optional relations and superlatives, asks CLIP only about the noun phrases, and resolves
+the spatial part with rules on box geometry. We do the same with a small keyword
+grammar that covers the common English forms:
+
+* superlatives: "the leftmost cup", "the cup on the left", "the biggest dog",
+  "the green star at the top", "the middle car";
+* ordinals: "the second cup from the left";
+* relations: "the cup left of the plate", "the dog closest to the man",
+  "the lamp above the table", "the bag farthest from the door".
+
+Probabilities: each candidate box ``i`` gets ``q_i = exp(T (s_i - max s))`` for its noun
+phrase similarity ``s`` (so the best-matching box has ``q = 1``). A superlative or ordinal
+asks for the probability that exactly ``n - 1`` matching candidates beat ``i`` on the
+geometric key, computed exactly as a Poisson-binomial over the other candidates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import box_iou, nms
+
+# key(boxes, image_size) -> (K,) values; smaller is "better" for the superlative.
+_KEYS: dict[str, Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]] = {
+    "left": lambda b, s: (b[:, 0] + b[:, 2]) / 2,
+    "right": lambda b, s: -(b[:, 0] + b[:, 2]) / 2,
+    "top": lambda b, s: (b[:, 1] + b[:, 3]) / 2,
+    "bottom": lambda b, s: -(b[:, 1] + b[:, 3]) / 2,
+    "biggest": lambda b, s: -(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]),
+    "smallest": lambda b, s: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]),
+    "middle": lambda b, s: ((b[:, 0] + b[:, 2]) / 2 - s[0] / 2).abs() + ((b[:, 1] + b[:, 3]) / 2 - s[1] / 2).abs(),
+}
+
+_SUPERLATIVES = [
+    (r"\b(?:left-?most|furthest left|farthest left)\b", "left"),
+    (r"\b(?:right-?most|furthest right|farthest right)\b", "right"),
+    (r"\b(?:top-?most|upper-?most|highest)\b", "top"),
+    (r"\b(?:bottom-?most|lower-?most|lowest)\b", "bottom"),
+    (r"\b(?:biggest|largest)\b", "biggest"),
+    (r"\b(?:smallest|tiniest)\b", "smallest"),
+    (r"\b(?:middle|center|centre|central)\b", "middle"),
+    (r"\b(?:on|at|to) the left\b(?! of)", "left"),
+    (r"\b(?:on|at|to) the right\b(?! of)", "right"),
+    (r"\b(?:at|on) the top\b(?! of)|\bon top\b(?! of)", "top"),
+    (r"\b(?:at|on) the bottom\b(?! of)", "bottom"),
+]
+
+_RELATIONS = [
+    (r"\b(?:to the left of|on the left of|left of)\b", "left of"),
+    (r"\b(?:to the right of|on the right of|right of)\b", "right of"),
+    (r"\b(?:above|over|on top of)\b", "above"),
+    (r"\b(?:below|under|beneath|underneath)\b", "below"),
+    (r"\b(?:closest to|nearest to|nearest|closest|next to|near)\b", "closest to"),
+    (r"\b(?:farthest from|furthest from)\b", "farthest from"),
+]
+
+_ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "1st": 1, "2nd": 2, "3rd": 3, "4th": 4, "5th": 5}
+_ORDINAL_RE = re.compile(r"\b(" + "|".join(_ORDINALS) + r")\b(.*?)\bfrom the (left|right|top|bottom)\b")
+_ARTICLES = re.compile(r"^(?:the|a|an|this|that)\s+")
+
+
+@dataclass
+class ParsedExpression:
+    """What the resolver needs from an expression.
+
+    ``relation`` is one of the superlative keys (``left``, ``biggest``, ...), a relation
+    (``left of``, ``closest to``, ...) or ``None``; ``object`` is the second noun phrase
+    of a relation; ``ordinal`` is n for "the n-th X from the ...".
+    """
+
+    subject: str
+    relation: str | None = None
+    object: str | None = None
+    ordinal: int = 1
+
+    @property
+    def is_spatial(self) -> bool:
+        return self.relation is not None
+
+
+def _clean(np_text: str) -> str:
+    t = " ".join(np_text.replace(",", " ").split())
+    t = re.sub(r"\b(?:one|that is|which is|who is)$", "", t).strip()
+    t = _ARTICLES.sub("", t)
+    return t.strip()
+
+
+def parse(expression: str) -> ParsedExpression:
+    """Split an expression into subject, spatial relation/superlative and object."""
+    text = " ".join(expression.lower().split()).rstrip(".")
+    m = _ORDINAL_RE.search(text)
+    if m:
+        subject = _clean(text[: m.start()] + " " + m.group(2))
+        return ParsedExpression(subject or "object", m.group(3), None, _ORDINALS[m.group(1)])
+    for pat, rel in _RELATIONS:
+        m = re.search(pat, text)
+        if m:
+            subj, obj = _clean(text[: m.start()]), _clean(text[m.end() :])
+            if subj and obj:
+                return ParsedExpression(subj, rel, obj)
+    for pat, key in _SUPERLATIVES:
+        m = re.search(pat, text)
+        if m:
+            subject = _clean(text[: m.start()] + " " + text[m.end() :])
+            return ParsedExpression(subject or "object", key)
+    return ParsedExpression(_clean(text) or text)
+
+
+def is_spatial(expression: str) -> bool:
+    """Whether an expression uses a spatial relation, superlative or ordinal."""
+    return parse(expression).is_spatial
+
+
+def _exactly_k_beaten(q: torch.Tensor, beats: torch.Tensor, k: int) -> torch.Tensor:
+    """P(exactly ``k`` candidates beat ``i``), candidates independent with probs ``q``.
+
+    ``beats[j, i]`` is 1 when j beats i on the key. Poisson-binomial DP per ``i``.
+    """
+    n = q.shape[0]
+    out = torch.zeros(n)
+    for i in range(n):
+        p = q * beats[:, i]
+        p[i] = 0
+        dist = torch.zeros(k + 1)
+        dist[0] = 1.0
+        for pj in p[p > 0]:
+            dist = torch.cat([dist[:1] * (1 - pj), dist[1:] * (1 - pj) + dist[:-1] * pj])
+        out[i] = dist[k]
+    return out
+
+
+def _dedupe(boxes: torch.Tensor, sims: torch.Tensor, q: torch.Tensor, min_q: float, iou: float) -> torch.Tensor:
+    """Indices of candidate boxes (q >= min_q) after NMS, so one object counts once."""
+    cand = torch.nonzero(q >= min_q).flatten()
+    if len(cand) == 0:
+        cand = sims.argmax().reshape(1)
+    keep = nms(boxes[cand], sims[cand], iou)
+    return cand[keep]
+
+
+def _spread(scores_kept: torch.Tensor, kept: torch.Tensor, boxes: torch.Tensor, q: torch.Tensor, iou: float) -> torch.Tensor:
+    """Give non-kept boxes the score of the kept box they overlap most, scaled by q ratio."""
+    out = torch.zeros(len(boxes))
+    out[kept] = scores_kept
+    others = torch.ones(len(boxes), dtype=torch.bool)
+    others[kept] = False
+    if others.any():
+        ov = box_iou(boxes[others], boxes[kept])
+        best_iou, best = ov.max(dim=1)
+        parent = kept[best]
+        scale = (q[others] / q[parent].clamp(min=1e-12)).clamp(max=1.0)
+        out[others] = torch.where(best_iou >= iou, out[parent] * scale * 0.99, q[others] * 1e-3)
+    return out
+
+
+def resolve(
+    parsed: ParsedExpression,
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    similarity: Callable[[str], torch.Tensor],
+    temperature: float = 100.0,
+    min_q: float = 0.05,
+    dedupe_iou: float = 0.5,
+) -> torch.Tensor:
+    """Score each box for a parsed spatial expression.
+
+    Args:
+        parsed: output of :func:`parse` with a non-``None`` relation.
+        boxes: ``(K, 4)`` xyxy candidate boxes.
+        image_size: ``(width, height)``.
+        similarity: noun phrase -> ``(K,)`` CLIP similarity of every box to it.
+        temperature: CLIP logit scale turning similarity gaps into probabilities.
+        min_q: candidates below this relative probability are ignored as competitors.
+        dedupe_iou: NMS threshold that merges boxes on the same object.
+
+    Returns:
+        ``(K,)`` scores in [0, 1]; the argmax is the resolved box.
+    """
+    s = similarity(parsed.subject)
+    q = torch.exp(temperature * (s - s.max()))
+    kept = _dedupe(boxes, s, q, min_q, dedupe_iou)
+    kb = boxes[kept]
+    rel = parsed.relation
+    if rel in _KEYS:
+        key = _KEYS[rel](kb, image_size)
+        beats = (key[:, None] < key[None, :]).float()  # beats[j, i]: j is better than i
+        scores = q[kept] * _exactly_k_beaten(q[kept], beats, parsed.ordinal - 1)
+        return _spread(scores, kept, boxes, q, dedupe_iou)
+    # Two-place relations: the object phrase picks a reference box (soft over candidates).
+    so = similarity(parsed.object or "object")
+    w = torch.softmax(temperature * so, dim=0)
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    same = box_iou(kb, boxes) >= dedupe_iou  # a box cannot relate to itself
+    if rel in ("left of", "right of", "above", "below"):
+        ckx, cky = cx[kept], cy[kept]
+        if rel == "left of":
+            ok = ckx[:, None] < cx[None, :]
+        elif rel == "right of":
+            ok = ckx[:, None] > cx[None, :]
+        elif rel == "above":
+            ok = cky[:, None] < cy[None, :]
+        else:
+            ok = cky[:, None] > cy[None, :]
+        support = ((ok & ~same).float() * w[None, :]).sum(1)
+        # Among subjects satisfying the relation, prefer the nearest to the reference.
+        ref = w.argmax()
+        dist = torch.hypot(cx[kept] - cx[ref], cy[kept] - cy[ref])
+        beats = ((dist[:, None] < dist[None, :]).float() * support[:, None])
+        scores = q[kept] * support * _exactly_k_beaten(q[kept] * support, beats, 0)
+        return _spread(scores, kept, boxes, q, dedupe_iou)
+    # closest to / farthest from: superlative on distance to the reference, averaged over w.
+    scores = torch.zeros(len(kept))
+    for j in torch.nonzero(w >= 1e-3 * w.max()).flatten():
+        d = torch.hypot(cx[kept] - cx[j], cy[kept] - cy[j])
+        if rel == "farthest from":
+            d = -d
+        valid = (~same[:, j]).float()
+        qq = q[kept] * valid
+        beats = (d[:, None] < d[None, :]).float()
+        scores += w[j] * qq * _exactly_k_beaten(qq, beats, 0)
+    return _spread(scores, kept, boxes, q, dedupe_iou)

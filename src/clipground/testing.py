@@ -1,0 +1,101 @@
+"""Tiny randomly initialized CLIP checkpoints for tests and benchmarks.
+
+They go through exactly the path real checkpoints take: built with transformers,
+written with ``save_pretrained``, read back with ``from_pretrained``. The tokenizer is a
+byte-level CLIP BPE vocabulary without merges (every character is a token), built
+offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-to-printable-character table (the standard reversible mapping)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_char_tokenizer(path: str | os.PathLike, max_length: int = 32):
+    """Write a character-level ``CLIPTokenizer`` (vocab.json, merges.txt) and return it loaded."""
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=max_length)
+    return tok
+
+
+def tiny_clip_config(image_size: int = 32, patch_size: int = 8, width: int = 32, layers: int = 2,
+                     projection_dim: int = 16, vocab_size: int = 514, max_text: int = 32, **vision_overrides):
+    """A ``CLIPConfig`` small enough to run in milliseconds."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                         num_attention_heads=2, vocab_size=vocab_size, max_position_embeddings=max_text,
+                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                           num_attention_heads=2, image_size=image_size, patch_size=patch_size, **vision_overrides),
+        projection_dim=projection_dim,
+    )
+
+
+def make_tiny_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32, **config_kwargs) -> Path:
+    """Create and ``save_pretrained`` a tiny random CLIP (model, tokenizer, image processor)."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    import tempfile
+
+    path = Path(path)
+    tok = write_char_tokenizer(tempfile.mkdtemp(prefix="cg_tok_"), max_length=config_kwargs.get("max_text", 32))
+    torch.manual_seed(seed)
+    cfg = tiny_clip_config(image_size=image_size, vocab_size=len(tok), **config_kwargs)
+    model = CLIPModel(cfg).eval()
+    ip = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor = CLIPProcessor(image_processor=ip, tokenizer=tok)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def make_clip_b32(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A randomly initialized CLIP ViT-B/32 (same compute as the real one) for benchmarks."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    import tempfile
+
+    path = Path(path)
+    tok = write_char_tokenizer(tempfile.mkdtemp(prefix="cg_tok_"), max_length=77)
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=len(tok) - 2,
+                         eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1),
+        vision_config=dict(image_size=224, patch_size=32),
+        projection_dim=512,
+    )
+    model = CLIPModel(cfg).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tok)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
