@@ -79,9 +79,12 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise BadImageError(f"image not found: {path}")
         if not path.is_file():
             raise BadImageError(f"not a file: {path}")
+        if path.stat().st_size == 0:
+            raise BadImageError(f"image file is empty (0 bytes): {path}")
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                # Our own max_pixels check below names the limit; PIL's warning would not.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as im:
                     w, h = im.size
                     if w * h > max_pixels:
@@ -93,8 +96,12 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
                     img = img.copy()
         except BadImageError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadImageError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
+        except Image.DecompressionBombError:
+            raise BadImageError(
+                f"image {path} is over the limit of {max_pixels} pixels (and too large for PIL to decode safely); resize it first"
+            ) from None
+        except UnidentifiedImageError:
+            raise BadImageError(f"cannot read {path} as an image: not an image file or an unsupported format") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise BadImageError(f"cannot decode {path}: file is truncated or corrupt ({e})") from None
     elif isinstance(image, Image.Image):

@@ -25,6 +25,8 @@ app = typer.Typer(
 # Subcommand modules; each defines register(app: typer.Typer) -> None.
 _COMMAND_MODULES = [
     "clipground.cli.predict",
+    "clipground.cli.train_methods",
+    "clipground.cli.world",
 ]
 
 for _name in _COMMAND_MODULES:

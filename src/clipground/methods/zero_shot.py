@@ -63,7 +63,7 @@ class ZeroShotScorer(GroundingMethod):
         views = render_views(state.image, boxes, self.config.views)
         all_imgs = [im for k in self.config.views for im in views[k]]
         emb = self.backbone.encode_images(all_imgs).embeds if all_imgs else torch.zeros(0, self.backbone.embed_dim)
-        state.features["view_embeds"] = emb.reshape(len(self.config.views), len(boxes), -1)
+        state.features["view_embeds"] = emb.reshape(len(self.config.views), len(boxes), self.backbone.embed_dim)
 
     def similarity(self, state: ImageState, texts: list[str]) -> torch.Tensor:
         """``(len(texts), K)`` mean cosine similarity over views."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,23 @@ from .base import ProposalSource, register_proposals
 
 
 class _BoxIndex:
-    """Maps image file names (relative paths or base names) to boxes and scores."""
+    """Maps image file names (relative paths or base names) to boxes and scores.
+
+    As a last resort an image is matched by the COCO image id in its name, so
+    ``COCO_train2014_000000000309.jpg`` finds ``000000000309.jpg`` (COCO 2017 naming).
+    """
 
     def __init__(self, entries: dict[str, tuple[list[list[float]], list[float]]]):
         self.entries = {k.replace("\\", "/"): v for k, v in entries.items()}
         base: dict[str, list[str]] = defaultdict(list)
+        by_id: dict[int, list[str]] = defaultdict(list)
         for k in self.entries:
             base[os.path.basename(k)].append(k)
+            i = _coco_id(k)
+            if i is not None:
+                by_id[i].append(k)
         self.by_base = base
+        self.by_id = by_id
 
     def lookup(self, key: str) -> tuple[list[list[float]], list[float]] | None:
         key = key.replace("\\", "/")
@@ -44,7 +54,19 @@ class _BoxIndex:
         cands = self.by_base.get(os.path.basename(key), [])
         if len(cands) == 1:
             return self.entries[cands[0]]
+        i = _coco_id(key)
+        if i is not None and len(self.by_id.get(i, [])) == 1:
+            return self.entries[self.by_id[i][0]]
         return None
+
+
+_ID_RE = re.compile(r"(?:^|_)(\d{6,})\.(?:jpe?g|png)$", re.IGNORECASE)
+
+
+def _coco_id(name: str) -> int | None:
+    """The numeric COCO image id at the end of a COCO-style file name, if any."""
+    m = _ID_RE.search(os.path.basename(name))
+    return int(m.group(1)) if m else None
 
 
 def _load_json(path: Path):

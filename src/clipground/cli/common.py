@@ -1,0 +1,57 @@
+"""Options and helpers shared by CLI commands."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import typer
+
+from ..backbone import DEFAULT_BACKBONE
+
+BackboneOpt = typer.Option(
+    DEFAULT_BACKBONE, "--backbone", "-b",
+    help="CLIP checkpoint: hub id, local save_pretrained directory, or 'clipground/world-clip' (bundled, offline).",
+)
+MethodOpt = typer.Option("zero-shot", "--method", "-m", help="Grounding method (see `clipground methods`) or a trained method directory.")
+ProposalsOpt = typer.Option(
+    "selective-search", "--proposals", "-p",
+    help="Proposal source: selective-search, torchvision, gt:INSTANCES.json, file:PROPOSALS.jsonl.",
+)
+OptionOpt = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable), e.g. -o views=crop,blur.")
+
+
+def parse_options(options: list[str] | None) -> dict[str, Any]:
+    """Turn ``key=value`` strings into typed values (JSON when it parses, lists on commas)."""
+    from ..errors import ClipgroundError
+
+    out: dict[str, Any] = {}
+    for item in options or []:
+        if "=" not in item:
+            raise ClipgroundError(f"option {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = [s.strip() for s in v.split(",")] if "," in v else v
+    return out
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and warnings in CLI output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def build_grounder(method: str, backbone: str, proposals: str, options: list[str] | None):
+    """A Grounder from CLI options; ``method`` may be a trained-method directory."""
+    from ..grounder import Grounder
+
+    quiet_transformers()
+    if os.path.isdir(method):
+        return Grounder.from_pretrained(method, proposals=None if proposals == "selective-search" else proposals)
+    return Grounder.load(method=method, backbone=backbone, proposals=proposals, **parse_options(options))

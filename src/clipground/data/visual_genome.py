@@ -1,0 +1,59 @@
+"""Visual Genome ``region_descriptions.json``.
+
+A list with one entry per image, ``{"id": image_id, "regions": [{region_id, image_id,
+phrase, x, y, width, height}, ...]}``. Images are ``{image_id}.jpg`` under ``images``; the
+official download splits them over ``VG_100K/`` and ``VG_100K_2/``, which are searched
+too. Each region becomes one record (split empty: VG has no official REC split).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadAnnotationError
+from .loaders import image_path, read_json
+from .records import GroundingRecord
+
+_SUBDIRS = ("", "VG_100K", "VG_100K_2")
+
+
+def _locate(root: Path, image_id: int) -> str:
+    """The first existing ``{id}.jpg`` in ``root`` or its VG_100K folders (else the plain path)."""
+    name = f"{image_id}.jpg"
+    for sub in _SUBDIRS:
+        p = image_path(root / sub if sub else root, name)
+        if os.path.isfile(p):
+            return p
+    return image_path(root, name)
+
+
+def load_visual_genome(path: Path, images: Path | None = None, data: Any = None,
+                       **_: Any) -> list[GroundingRecord]:
+    """Read ``region_descriptions.json`` into one record per region."""
+    data = read_json(path) if data is None else data
+    if not isinstance(data, list):
+        raise BadAnnotationError(f"{path}: expected a list of images with 'regions', got {type(data).__name__}")
+    root = images if images is not None else path.parent
+    out: list[GroundingRecord] = []
+    try:
+        for entry in data:
+            regions = entry["regions"]
+            if not regions:
+                continue
+            image_id = int(entry.get("id", entry.get("image_id", regions[0]["image_id"])))
+            file = _locate(root, image_id)
+            for r in regions:
+                x, y, w, h = float(r["x"]), float(r["y"]), float(r["width"]), float(r["height"])
+                out.append(GroundingRecord(
+                    image=file,
+                    expression=str(r["phrase"]).strip(),
+                    box=[x, y, x + w, y + h],
+                    image_id=str(image_id),
+                    ref_id=str(r.get("region_id", r.get("id", ""))),
+                    split="",
+                ))
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadAnnotationError(f"{path} is not a Visual Genome region_descriptions file ({type(e).__name__}: {e})") from None
+    return out

@@ -1,0 +1,289 @@
+"""Run a :class:`~clipground.grounder.Grounder` over records and score it.
+
+Records are grouped by image so the heavy per-image work (proposals, CLIP image
+features) runs once per image and every expression of that image is one batched
+``predict_batch`` call. An image that fails to load (or a phrase the model refuses) is
+counted and reported, never a crash: its expressions are left out of the scores and the
+failure is listed in the result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.records import GroundingRecord
+from ..errors import ClipgroundError
+from ..relations import is_spatial
+from . import metrics as M
+
+#: Expressions sent to ``predict_batch`` at once (bounds memory on images with many).
+BATCH = 64
+
+
+@dataclass
+class ItemResult:
+    """The outcome for one expression (kept for reports and ``predictions.jsonl``)."""
+
+    index: int
+    image: str
+    expression: str
+    target: list[float]
+    box: list[float]
+    score: float
+    iou: float
+    ranked_ious: list[float]  # IoUs of the top-10 ranked candidates, best first
+    fallback: bool = False
+    best_proposal_iou: float | None = None
+    n_proposals: int | None = None
+    split: str = ""
+    type: str | None = None
+    spatial: bool = False
+    length: str = ""
+    image_id: str = ""
+    ref_id: str = ""
+
+    @property
+    def correct(self) -> bool:
+        return self.iou >= 0.5
+
+
+@dataclass
+class EvalResult:
+    """Scores of one evaluation run; ``items`` is empty when read back from ``metrics.json``.
+
+    Attributes:
+        label: name used in comparison tables (the method name unless given).
+        metrics: overall numbers (``acc@0.5`` first; rates are fractions in [0, 1]).
+        breakdown: ``{"length"|"spatial"|"type"|"split"|"split_type": {bucket: numbers}}``.
+        protocol: method, backbone, proposals, IoU threshold, hit criterion, dataset counts.
+        counts: records given, scored, failed images/items, and the loader's kept/dropped.
+        timing: wall-clock seconds and throughput (informative only).
+        failures: ``[{"image", "error", "items"}]`` for images or phrases that failed.
+        examples: indices into ``items`` picked for ``examples.png``.
+    """
+
+    label: str
+    metrics: dict[str, float]
+    breakdown: dict[str, dict[str, dict[str, float]]]
+    protocol: dict[str, Any]
+    counts: dict[str, Any]
+    timing: dict[str, float] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    items: list[ItemResult] = field(default_factory=list)
+    examples: list[int] = field(default_factory=list)
+
+    @property
+    def splits(self) -> list[str]:
+        """Splits this result covers (one row per split in comparison tables)."""
+        return list(self.counts.get("splits", []))
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything except per-item results (those go to ``predictions.jsonl``)."""
+        return {
+            "label": self.label,
+            "metrics": self.metrics,
+            "breakdown": self.breakdown,
+            "protocol": self.protocol,
+            "counts": self.counts,
+            "timing": self.timing,
+            "failures": self.failures,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "EvalResult":
+        """Read back what :meth:`to_json` wrote (without items)."""
+        return cls(label=d.get("label", ""), metrics=dict(d["metrics"]), breakdown=dict(d.get("breakdown", {})),
+                   protocol=dict(d.get("protocol", {})), counts=dict(d.get("counts", {})),
+                   timing=dict(d.get("timing", {})), failures=list(d.get("failures", [])))
+
+
+def _group_by_image(records: Sequence[GroundingRecord], batch_by_image: bool) -> list[list[int]]:
+    """Record indices grouped by image, in order of first appearance."""
+    if not batch_by_image:
+        return [[i] for i in range(len(records))]
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.image, []).append(i)
+    return list(groups.values())
+
+
+def _item(i: int, r: GroundingRecord, pred: Any, proposals: torch.Tensor | None) -> ItemResult:
+    target = torch.tensor(r.box, dtype=torch.float32)
+    ranked = pred.boxes if len(pred.boxes) else torch.tensor([pred.box], dtype=torch.float32)
+    cand = M.candidate_ious(ranked[: max(M.TOP_K)], target)
+    iou = M.candidate_ious([pred.box], target)
+    t = r.meta.get("type") if isinstance(r.meta, dict) else None
+    return ItemResult(
+        index=i, image=r.image, expression=r.expression, target=list(r.box), box=[float(v) for v in pred.box],
+        score=float(pred.score), iou=float(iou[0]), ranked_ious=[round(float(v), 6) for v in cand],
+        fallback=bool(pred.fallback),
+        best_proposal_iou=M.best_iou(proposals, target) if proposals is not None else None,
+        n_proposals=int(len(proposals)) if proposals is not None else None,
+        split=r.split, type=str(t) if t is not None else None, spatial=is_spatial(r.expression),
+        length=M.length_bin(r.expression), image_id=r.image_id, ref_id=r.ref_id,
+    )
+
+
+def compute_metrics(items: Sequence[ItemResult]) -> tuple[dict[str, float], dict[str, dict[str, dict[str, float]]]]:
+    """Overall metrics and per-bucket breakdowns of scored items."""
+    ious = torch.tensor([it.iou for it in items], dtype=torch.float32)
+    uses_props = bool(items) and all(it.best_proposal_iou is not None for it in items)
+    bp = torch.tensor([it.best_proposal_iou for it in items], dtype=torch.float32) if uses_props else None
+    ranked = [torch.tensor(it.ranked_ious) for it in items]
+    overall = M.summarize(ious, bp)
+    m: dict[str, float] = {"acc@0.5": overall["acc@0.5"], "acc@0.75": overall["acc@0.75"], "miou": overall["miou"]}
+    for k in M.TOP_K:
+        m[f"p@{k}"] = M.precision_at_k(ranked, k, 0.5)
+    if bp is not None:
+        m["proposal_recall@0.5"] = overall["proposal_recall@0.5"]
+        m["mean_proposals"] = float(sum(it.n_proposals or 0 for it in items) / max(1, len(items)))
+    m["fallback_rate"] = float(sum(it.fallback for it in items) / max(1, len(items)))
+    m["count"] = len(items)
+
+    bd: dict[str, dict[str, dict[str, float]]] = {}
+    bd["length"] = M.grouped([it.length for it in items], ious, bp, order=M.LENGTH_BINS)
+    bd["spatial"] = M.grouped(["spatial" if it.spatial else "non-spatial" for it in items], ious, bp,
+                              order=("spatial", "non-spatial"))
+    types = [it.type or "other" for it in items]
+    if any(it.type is not None for it in items):
+        bd["type"] = M.grouped(types, ious, bp)
+    splits = [it.split for it in items]
+    if len(set(splits)) > 1:
+        bd["split"] = M.grouped(splits, ious, bp)
+        if "type" in bd:
+            bd["split_type"] = M.grouped([f"{s}/{t}" for s, t in zip(splits, types)], ious, bp)
+    return m, bd
+
+
+def _pick_examples(items: Sequence[ItemResult], n: int) -> list[int]:
+    """Up to ``n`` item indices: half correct, half wrong where possible, distinct images first."""
+    if n <= 0 or not items:
+        return []
+    seen: dict[str, int] = {}
+    rank = []
+    for it in items:
+        rank.append(seen.get(it.image, 0))
+        seen[it.image] = rank[-1] + 1
+    order = sorted(range(len(items)), key=lambda j: (rank[j], j))
+    good = [j for j in order if items[j].correct]
+    bad = [j for j in order if not items[j].correct]
+    n_good = min(len(good), max(n // 2, n - len(bad)))
+    n_bad = min(len(bad), n - n_good)
+    return sorted(good[:n_good] + bad[:n_bad])
+
+
+def evaluate(
+    grounder: Any,
+    records: Sequence[GroundingRecord] | Any,
+    *,
+    batch_by_image: bool = True,
+    progress: bool = True,
+    examples: int = 16,
+    label: str | None = None,
+) -> EvalResult:
+    """Ground every record's expression in its image and score the boxes.
+
+    Args:
+        grounder: a :class:`~clipground.grounder.Grounder` (``set_image`` + ``predict_batch``).
+        records: records, or a :class:`~clipground.data.loaders.LoadResult` (its
+            kept/dropped counts then go into the protocol).
+        batch_by_image: one ``set_image`` per distinct image (``False``: one per record).
+        progress: show a tqdm bar.
+        examples: how many items to pick for the examples figure.
+        label: name of this run in comparison tables (default: the method name).
+    """
+    load = None
+    if hasattr(records, "records") and hasattr(records, "dropped"):
+        load, records = records, records.records
+    records = list(records)
+    uses_props = bool(getattr(grounder.method, "uses_proposals", False))
+    items: list[ItemResult] = []
+    failures: list[dict[str, Any]] = []
+    t_image = t_predict = 0.0
+    n_images = 0
+    t0 = time.perf_counter()
+    groups = _group_by_image(records, batch_by_image)
+    bar = tqdm(total=len(records), unit="expr", desc="evaluating", disable=not progress, leave=False)
+    for idx in groups:
+        image = records[idx[0]].image
+        t1 = time.perf_counter()
+        try:
+            grounder.set_image(image)
+        except ClipgroundError as e:
+            failures.append({"image": image, "error": str(e), "items": len(idx)})
+            bar.update(len(idx))
+            continue
+        t2 = time.perf_counter()
+        t_image += t2 - t1
+        n_images += 1
+        props = grounder.state.proposals.boxes if uses_props and grounder.state.proposals is not None else None
+        if uses_props and props is None:
+            props = torch.zeros(0, 4)
+        for s in range(0, len(idx), BATCH):
+            chunk = idx[s:s + BATCH]
+            try:
+                preds = grounder.predict_batch([records[i].expression for i in chunk])
+            except ClipgroundError:  # isolate the phrase(s) the model refuses
+                preds = []
+                for i in chunk:
+                    try:
+                        preds.append(grounder.predict_batch([records[i].expression])[0])
+                    except ClipgroundError as e:
+                        preds.append(None)
+                        failures.append({"image": image, "expression": records[i].expression, "error": str(e), "items": 1})
+            for i, p in zip(chunk, preds):
+                if p is not None:
+                    items.append(_item(i, records[i], p, props))
+        t_predict += time.perf_counter() - t2
+        bar.update(len(idx))
+    bar.close()
+    total = time.perf_counter() - t0
+
+    metrics, breakdown = compute_metrics(items)
+    method = grounder.method
+    props_cfg = grounder.proposals.config() if uses_props and grounder.proposals is not None else None
+    protocol = {
+        "method": method.name,
+        "method_config": method.config.to_dict() if hasattr(method, "config") else {},
+        "backbone": getattr(grounder.backbone, "name", ""),
+        "proposals": props_cfg,
+        "iou_threshold": 0.5,
+        "hit_criterion": "IoU >= 0.5 (IoU, not GIoU)",
+        "p_at_k": list(M.TOP_K),
+        "batch_by_image": batch_by_image,
+    }
+    if load is not None:
+        protocol["dataset"] = load.to_json()
+    failed_items = sum(f["items"] for f in failures)
+    counts: dict[str, Any] = {
+        "records": len(records),
+        "scored": len(items),
+        "failed_items": failed_items,
+        "failed_images": sum(1 for f in failures if "expression" not in f),
+        "images": n_images,
+        "splits": sorted({r.split for r in records}),
+    }
+    if load is not None:
+        counts.update({"kept": load.kept, "dropped": load.dropped, "invalid": load.invalid, "total": load.total})
+    timing = {
+        "seconds": round(total, 3),
+        "set_image_seconds": round(t_image, 3),
+        "predict_seconds": round(t_predict, 3),
+        "images_per_second": round(n_images / t_image, 3) if t_image > 0 else 0.0,
+        "expressions_per_second": round(len(items) / total, 3) if total > 0 else 0.0,
+    }
+    return EvalResult(label or method.name, metrics, breakdown, protocol, counts, timing, failures, items,
+                      _pick_examples(items, examples))
+
+
+def item_to_json(it: ItemResult) -> dict[str, Any]:
+    """One line of ``predictions.jsonl``."""
+    d = asdict(it)
+    d["correct"] = it.correct
+    return d
