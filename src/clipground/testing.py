@@ -45,7 +45,7 @@ def write_char_tokenizer(path: str | os.PathLike, max_length: int = 32):
 
 
 def tiny_clip_config(image_size: int = 32, patch_size: int = 8, width: int = 32, layers: int = 2,
-                     projection_dim: int = 16, vocab_size: int = 514, max_text: int = 32, **vision_overrides):
+                     projection_dim: int = 16, vocab_size: int = 514, max_text: int = 64, **vision_overrides):
     """A ``CLIPConfig`` small enough to run in milliseconds."""
     from transformers import CLIPConfig
 
@@ -67,7 +67,7 @@ def make_tiny_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32,
     import tempfile
 
     path = Path(path)
-    tok = write_char_tokenizer(tempfile.mkdtemp(prefix="cg_tok_"), max_length=config_kwargs.get("max_text", 32))
+    tok = write_char_tokenizer(tempfile.mkdtemp(prefix="cg_tok_"), max_length=config_kwargs.get("max_text", 64))
     torch.manual_seed(seed)
     cfg = tiny_clip_config(image_size=image_size, vocab_size=len(tok), **config_kwargs)
     model = CLIPModel(cfg).eval()

@@ -83,5 +83,5 @@ def test_phrase_checks(tiny_clip_dir):
         check_phrase("word " * 500)
     bb = ClipBackbone.from_pretrained(tiny_clip_dir)
     with pytest.raises(BadPhraseError, match="tokens"):
-        bb.encode_texts(["x" * 200])  # character tokenizer: 200 tokens > 32 context
+        bb.encode_texts(["x" * 200])  # character tokenizer: 200 tokens > 64 context
     assert check_phrase("  the   red  cup ") == "the red cup"

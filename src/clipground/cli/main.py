@@ -26,6 +26,8 @@ app = typer.Typer(
 _COMMAND_MODULES = [
     "clipground.cli.predict",
     "clipground.cli.train_methods",
+    "clipground.cli.evaluate",
+    "clipground.cli.demo",
     "clipground.cli.world",
 ]
 

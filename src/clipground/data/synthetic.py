@@ -431,13 +431,16 @@ def render_scene(
             # Rasterise in a local patch (fast), then place the patch in a full-image mask.
             x0, y0 = (max(0, int(v) - 1) for v in np.floor(pts.min(0)))
             x1, y1 = (min(n, int(v) + 2) for v in np.ceil(pts.max(0)))
-            patch = np.zeros((y1 - y0, x1 - x0), np.uint8)
-            cv2.fillPoly(patch, [np.round((pts - [x0, y0]) * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
-            local = patch.astype(bool)
+            # Anti-aliased coverage; the mask is the pixels at least half covered.
+            alpha = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            cv2.fillPoly(alpha, [np.round((pts - [x0, y0]) * 16).astype(np.int32)], 255, cv2.LINE_AA, 4)
+            local = alpha >= 128
             ys, xs = np.nonzero(local)
             jitter = rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, 3)
             rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
-            img[y0:y1, x0:x1][local] = rgb
+            a = (alpha.astype(np.float32) / 255.0)[:, :, None]
+            region = img[y0:y1, x0:x1]
+            region[:] = np.rint(region * (1.0 - a) + np.array(rgb, np.float32) * a).astype(np.uint8)
             mask = np.zeros((n, n), bool)
             mask[y0:y1, x0:x1] = local
             box = (float(xs.min() + x0), float(ys.min() + y0), float(xs.max() + x0 + 1), float(ys.max() + y0 + 1))

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .. import boxes as B
-from ..errors import BadAnnotationError
+from ..errors import BadAnnotationError, BadBoxError
 from .base import ProposalSource, register_proposals
 
 
@@ -75,7 +75,14 @@ def _load_json(path: Path):
     try:
         with path.open("r", encoding="utf-8") as f:
             if path.suffix == ".jsonl":
-                return [json.loads(line) for line in f if line.strip()]
+                rows = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise BadAnnotationError(f"{path} line {n} is not valid JSON ({e})") from None
+                return rows
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadAnnotationError(f"{path} is not valid JSON ({e})") from None
@@ -84,7 +91,15 @@ def _load_json(path: Path):
 _INDEX_CACHE: dict[tuple[str, str, float], _BoxIndex] = {}
 
 
+def _check_finite(boxes: list[list[float]], path: Path, name: str) -> None:
+    """Refuse NaN/infinite coordinates (they would silently vanish in filtering)."""
+    if boxes and not torch.isfinite(torch.tensor(boxes)).all():
+        raise BadAnnotationError(f"{path}: non-finite box coordinates for {name}")
+
+
 def _coco_index(path: Path) -> _BoxIndex:
+    if not path.is_file():
+        raise BadAnnotationError(f"annotation file not found: {path}")
     key = ("coco", str(path.resolve()), path.stat().st_mtime)
     if key in _INDEX_CACHE:
         return _INDEX_CACHE[key]
@@ -93,10 +108,15 @@ def _coco_index(path: Path) -> _BoxIndex:
         names = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
         entries: dict[str, tuple[list, list]] = {n: ([], []) for n in names.values()}
         for a in data["annotations"]:
+            if int(a["image_id"]) not in names:
+                raise ValueError(f"annotation {a.get('id')} refers to unknown image_id {a['image_id']}")
+            if len(a["bbox"]) != 4:
+                raise ValueError(f"annotation {a.get('id')} has bbox {a['bbox']!r}, need [x, y, w, h]")
             box = B.from_xywh(a["bbox"])[0].tolist()
+            _check_finite([box], path, names[int(a["image_id"])])
             entries[names[int(a["image_id"])]][0].append(box)
             entries[names[int(a["image_id"])]][1].append(1.0)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, BadBoxError) as e:
         raise BadAnnotationError(f"{path} is not a COCO instances file ({type(e).__name__}: {e})") from None
     idx = _BoxIndex(entries)
     _INDEX_CACHE[key] = idx
@@ -150,19 +170,24 @@ class PrecomputedProposals(ProposalSource):
         if key in _INDEX_CACHE:
             return _INDEX_CACHE[key]
         data = _load_json(p)
-        rows = data if isinstance(data, list) else [{"image": k, **v} for k, v in data.items()]
         entries = {}
         try:
+            if not isinstance(data, (dict, list)):
+                raise TypeError(f"top level is a {type(data).__name__}, need an object or JSONL records")
+            rows = data if isinstance(data, list) else [{"image": k, **v} for k, v in data.items()]
             for r in rows:
                 fmt = r.get("box_format", "xyxy")
+                if fmt not in ("xyxy", "xywh"):
+                    raise ValueError(f"box_format {fmt!r} for {r.get('image')}: use 'xyxy' or 'xywh'")
                 bx = r["boxes"]
                 bx = (B.from_xywh(bx) if fmt == "xywh" else B.as_boxes(bx)).tolist() if len(bx) else []
+                _check_finite(bx, p, str(r["image"]))
                 sc = r.get("scores") or [1.0 - i / max(1, len(bx)) for i in range(len(bx))]
                 if len(sc) != len(bx):
                     raise ValueError(f"{len(bx)} boxes but {len(sc)} scores for {r['image']}")
                 entries[str(r["image"])] = (bx, [float(s) for s in sc])
-        except (KeyError, TypeError, ValueError) as e:
-            raise BadAnnotationError(f"{p}: malformed proposal record ({e})") from None
+        except (KeyError, TypeError, ValueError, AttributeError, BadBoxError) as e:
+            raise BadAnnotationError(f"{p}: malformed proposal record ({type(e).__name__}: {e})") from None
         idx = _BoxIndex(entries)
         _INDEX_CACHE[key] = idx
         return idx

@@ -1,0 +1,346 @@
+"""Phrase-conditioned heatmaps over an image, and the geometry that maps model grids to pixels.
+
+Two things live here because every dense method needs both:
+
+* :class:`InputGeometry`: an explicit, invertible map between the normalized coordinates
+  of what a model *sees* (``[0, 1]^2`` of its input square) and pixels of the original
+  image. :func:`pad_to_square` pads the image on the right/bottom with the checkpoint's mean
+  colour, so the processor's "resize shortest edge + centre crop" becomes a plain resize of
+  the whole image (nothing is cropped away); a checkpoint whose crop is smaller than its
+  resize (e.g. resize 256, crop 224) is handled by the crop fraction.
+* Heatmap sources sharing one contract (``prepare(image)`` once, then
+  ``__call__(prepared, phrases) -> list[(H, W) float32 arrays]`` in image pixels):
+
+  - :class:`ClipSimilarityHeatmap` (``clip``): cosine similarity of CLIP's projected patch
+    embeddings with the phrase embedding; with ``gradcam=True`` (``clip-gradcam``) Grad-CAM
+    of the image-text similarity at a vision layer instead.
+  - :class:`BlipItmHeatmap` (``blip``): Grad-CAM of BLIP's image-text-matching score on the
+    text encoder's cross-attention maps (the ALBEF/BLIP recipe), through
+    ``transformers.BlipForImageTextRetrieval``; needs downloaded weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .backbone import ClipBackbone
+from .backbone.clip import _offline_message, resolve_checkpoint
+from .errors import CheckpointNotFoundError, UnknownNameError
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """Affine map from normalized model-input coordinates to original-image pixels.
+
+    ``x_pixel = u * scale_x + offset_x`` and ``y_pixel = v * scale_y + offset_y`` for
+    ``(u, v)`` in ``[0, 1]^2`` of the model's input; ``width``/``height`` are the original
+    image size (boxes mapped back are clipped to it).
+    """
+
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    width: int
+    height: int
+
+    def to_pixels(self, boxes: torch.Tensor, clip: bool = True) -> torch.Tensor:
+        """Normalized ``xyxy`` boxes ``(..., 4)`` -> original-image pixel ``xyxy``."""
+        s = boxes.new_tensor([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
+        o = boxes.new_tensor([self.offset_x, self.offset_y, self.offset_x, self.offset_y])
+        out = boxes * s + o
+        if clip:
+            lim = boxes.new_tensor([self.width, self.height, self.width, self.height])
+            out = torch.minimum(out.clamp(min=0), lim)
+        return out
+
+    def to_normalized(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Original-image pixel ``xyxy`` boxes -> normalized model-input ``xyxy``."""
+        s = boxes.new_tensor([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
+        o = boxes.new_tensor([self.offset_x, self.offset_y, self.offset_x, self.offset_y])
+        return (boxes - o) / s
+
+    def grid_to_image(self, grid: torch.Tensor) -> torch.Tensor:
+        """Resample ``(h, w)`` (or ``(C, h, w)``) values over the model input to ``(H, W)`` pixels.
+
+        Each image pixel centre is mapped into the model's input square and sampled
+        bilinearly; pixels the model never saw take the nearest border value.
+        """
+        squeeze = grid.dim() == 2
+        g = grid[None, None] if squeeze else grid[None]
+        xs = (torch.arange(self.width, dtype=torch.float32) + 0.5 - self.offset_x) / self.scale_x
+        ys = (torch.arange(self.height, dtype=torch.float32) + 0.5 - self.offset_y) / self.scale_y
+        gy, gx = torch.meshgrid(ys * 2 - 1, xs * 2 - 1, indexing="ij")
+        coords = torch.stack([gx, gy], dim=-1)[None].to(g.dtype)
+        out = F.grid_sample(g, coords, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        return out[0] if squeeze else out
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    """Read a field of a transformers size spec (``SizeDict`` or plain dict)."""
+    if size is None:
+        return None
+    v = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(v) if v else None
+
+
+def crop_fraction(image_processor: Any) -> float:
+    """Fraction of a square image's side that the processor keeps after resize + centre crop.
+
+    ``1.0`` when the processor resizes to exactly the crop size (the common CLIP setting)
+    or does not crop at all.
+    """
+    if not getattr(image_processor, "do_center_crop", False):
+        return 1.0
+    crop = _size_field(getattr(image_processor, "crop_size", None), "height")
+    size = getattr(image_processor, "size", None)
+    short = _size_field(size, "shortest_edge") or _size_field(size, "height")
+    if not crop or not short or crop >= short:
+        return 1.0
+    return crop / short
+
+
+def pad_to_square(image: Image.Image, fill: Sequence[float] = (0.5, 0.5, 0.5),
+                  fraction: float = 1.0) -> tuple[Image.Image, InputGeometry]:
+    """Pad ``image`` right/bottom to a square of side ``max(W, H)`` and describe the geometry.
+
+    Args:
+        image: RGB image.
+        fill: pad colour in ``[0, 1]`` (use the checkpoint's normalization mean, which maps
+            the padding to zero after normalization).
+        fraction: :func:`crop_fraction` of the processor that will see the square.
+    """
+    w, h = image.size
+    side = max(w, h)
+    color = tuple(int(round(255 * c)) for c in fill)
+    if (w, h) == (side, side):
+        sq = image
+    else:
+        sq = Image.new("RGB", (side, side), color)
+        sq.paste(image, (0, 0))
+    margin = side * (1.0 - fraction) / 2.0
+    return sq, InputGeometry(side * fraction, side * fraction, margin, margin, w, h)
+
+
+def clip_square_input(backbone: ClipBackbone, image: Image.Image) -> tuple[Image.Image, InputGeometry]:
+    """:func:`pad_to_square` with the backbone processor's mean colour and crop fraction."""
+    ip = backbone.processor.image_processor
+    fill = tuple(getattr(ip, "image_mean", None) or (0.5, 0.5, 0.5))
+    return pad_to_square(image, fill, crop_fraction(ip))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def resolve_extra_checkpoint(name: str, what: str, option: str, alternative: str) -> tuple[str, bool]:
+    """Resolve a non-CLIP checkpoint (BLIP, SAM) like :func:`resolve_checkpoint`, with its own message.
+
+    Raises:
+        CheckpointNotFoundError: one line naming the model, the option to pass a local
+            directory with, and the weight-free alternative.
+    """
+    try:
+        return resolve_checkpoint(name)
+    except CheckpointNotFoundError as e:
+        if str(e) == _offline_message(name):
+            raise CheckpointNotFoundError(
+                f"cannot load {what} '{name}': it is not in the local Hugging Face cache and the hub is unreachable; "
+                f"download it where you have internet (`huggingface-cli download {name} --local-dir DIR`) and pass "
+                f"{option}=DIR, or use {alternative} (needs no extra weights)"
+            ) from None
+        raise CheckpointNotFoundError(f"cannot load {what}: {e}") from None
+
+
+def _load_pretrained(cls: Any, name: str, what: str, option: str, alternative: str, **kwargs: Any) -> Any:
+    path, local_only = resolve_extra_checkpoint(name, what, option, alternative)
+    try:
+        return cls.from_pretrained(path, local_files_only=local_only, **kwargs)
+    except OSError as e:
+        raise CheckpointNotFoundError(f"cannot load {what} '{name}': {str(e).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- heatmap sources
+
+
+def normalize_heatmap(heat: np.ndarray) -> np.ndarray:
+    """Min-max scale to ``[0, 1]`` (a constant map becomes all zeros)."""
+    lo, hi = float(heat.min()), float(heat.max())
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo < 1e-12:
+        return np.zeros_like(heat, dtype=np.float32)
+    return ((heat - lo) / (hi - lo)).astype(np.float32)
+
+
+class HeatmapSource:
+    """Contract: ``prepare(image)`` once per image, then heatmaps for phrases in image pixels."""
+
+    name: str = ""
+
+    def prepare(self, image: Image.Image) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __call__(self, prepared: dict[str, Any], phrases: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+class ClipSimilarityHeatmap(HeatmapSource):
+    """CLIP patch-text similarity (or Grad-CAM of the similarity) on the padded-square input.
+
+    Args:
+        backbone: the shared CLIP backbone.
+        gradcam: use Grad-CAM of ``cos(image, text)`` at vision layer ``layer`` instead of
+            the patch-embedding similarity (one image forward per :meth:`__call__`, one
+            backward per phrase).
+        layer: vision encoder layer whose output Grad-CAM reads (negative counts from the
+            end; the last layer's patch tokens do not feed the pooled embedding, so the
+            default is the penultimate one).
+        prompt: template for the phrase.
+    """
+
+    def __init__(self, backbone: ClipBackbone, gradcam: bool = False, layer: int = -2, prompt: str = "{}"):
+        self.backbone = backbone
+        self.gradcam = gradcam
+        self.layer = layer
+        self.prompt = prompt
+        self.name = "clip-gradcam" if gradcam else "clip"
+
+    def prepare(self, image: Image.Image) -> dict[str, Any]:
+        sq, geom = clip_square_input(self.backbone, image)
+        out: dict[str, Any] = {"geometry": geom}
+        if self.gradcam:
+            out["pixel_values"] = self.backbone.preprocess([sq])
+        else:
+            f = self.backbone.encode_images([sq])
+            out["patch_embeds"] = F.normalize(f.patch_embeds[0].float(), dim=-1)
+            out["grid"] = f.grid
+        return out
+
+    def _gradcam(self, prepared: dict[str, Any], text: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        layers = self.backbone.model.vision_model.encoder.layers
+        layer = layers[self.layer]
+        acts: dict[str, torch.Tensor] = {}
+
+        def hook(_mod: Any, _inp: Any, out: Any) -> None:
+            acts["h"] = out[0] if isinstance(out, tuple) else out
+
+        with torch.inference_mode(False), torch.enable_grad():
+            pv = prepared["pixel_values"].clone().requires_grad_(True)
+            handle = layer.register_forward_hook(hook)
+            try:
+                f = self.backbone.forward_image(pv)
+            finally:
+                handle.remove()
+            h = acts["h"]
+            scores = f.embeds[0] @ text.clone().T  # (T,)
+            cams = []
+            for i in range(len(scores)):
+                (g,) = torch.autograd.grad(scores[i], h, retain_graph=i + 1 < len(scores))
+                a, g = h[0, 1:].detach(), g[0, 1:]
+                weights = g.mean(0)  # Grad-CAM: channel weights = mean gradient over tokens
+                cams.append(torch.relu(a @ weights))
+        return torch.stack(cams), f.grid
+
+    def __call__(self, prepared: dict[str, Any], phrases: list[str]) -> list[np.ndarray]:
+        text = self.backbone.text_embeds([self.prompt.format(p) for p in phrases]).float()
+        geom: InputGeometry = prepared["geometry"]
+        if self.gradcam:
+            maps, (gh, gw) = self._gradcam(prepared, text)
+        else:
+            maps, (gh, gw) = text @ prepared["patch_embeds"].T, prepared["grid"]
+        return [geom.grid_to_image(m.reshape(gh, gw).detach().float()).numpy() for m in maps]
+
+
+class BlipItmHeatmap(HeatmapSource):
+    """Grad-CAM of BLIP's image-text matching score on a cross-attention layer.
+
+    The image is encoded once in :meth:`prepare` (``BlipImageProcessor`` plainly resizes to
+    its square input, so the grid covers the whole image, stretched); per phrase the text
+    encoder runs with the cached image tokens, and the heatmap is ``attention * relu(grad)``
+    of the cross-attention probabilities, averaged over heads and text tokens.
+
+    Args:
+        model: hub id or local directory of a ``BlipForImageTextRetrieval`` checkpoint.
+        layer: text-encoder layer whose cross-attention is read (clamped to the last one;
+            7 is the usual choice for 12-layer BLIP base).
+        device: where to run BLIP.
+    """
+
+    name = "blip"
+
+    def __init__(self, model: str = "Salesforce/blip-itm-base-coco", layer: int = 7, device: str | torch.device = "cpu",
+                 prompt: str = "{}"):
+        from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+        opt, alt = "blip_model", "heatmap='clip'"
+        self.model = _load_pretrained(BlipForImageTextRetrieval, model, "BLIP ITM model", opt, alt,
+                                      attn_implementation="eager").to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.processor = _load_pretrained(BlipProcessor, model, "BLIP processor", opt, alt)
+        n = len(self.model.text_encoder.encoder.layer)
+        self.layer = min(layer, n - 1) if layer >= 0 else n + layer
+        self.prompt = prompt
+        self.device = torch.device(device)
+
+    def prepare(self, image: Image.Image) -> dict[str, Any]:
+        w, h = image.size
+        pv = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"].to(self.device)
+        emb = self.model.vision_model(pixel_values=pv).last_hidden_state  # (1, 1 + N, D)
+        n = emb.shape[1] - 1
+        side = int(round(n ** 0.5))
+        return {"image_embeds": emb, "grid": (side, n // side), "geometry": InputGeometry(w, h, 0.0, 0.0, w, h)}
+
+    def __call__(self, prepared: dict[str, Any], phrases: list[str]) -> list[np.ndarray]:
+        geom: InputGeometry = prepared["geometry"]
+        gh, gw = prepared["grid"]
+        tok = self.processor.tokenizer([self.prompt.format(p) for p in phrases], padding=True, return_tensors="pt")
+        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        xattn = self.model.text_encoder.encoder.layer[self.layer].crossattention.self
+        cap: dict[str, torch.Tensor] = {}
+
+        def hook(_mod: Any, _inp: Any, out: Any) -> None:
+            cap["attn"] = out[1]
+
+        with torch.inference_mode(False), torch.enable_grad():
+            img = prepared["image_embeds"].clone().expand(len(phrases), -1, -1).requires_grad_(True)
+            ids, mask = ids.clone(), mask.clone()
+            img_mask = torch.ones(img.shape[:2], dtype=torch.long, device=self.device)
+            handle = xattn.register_forward_hook(hook)
+            try:
+                hidden = self.model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=img,
+                                                 encoder_attention_mask=img_mask).last_hidden_state
+            finally:
+                handle.remove()
+            itm = self.model.itm_head(hidden[:, 0, :])  # (T, 2): [no match, match]
+            attn = cap["attn"]  # (T, heads, L, 1 + N)
+            (grad,) = torch.autograd.grad(itm[:, 1].sum(), attn)
+        cam = (attn.detach() * grad.clamp(min=0)).mean(1)[..., 1:]  # (T, L, N), image CLS dropped
+        valid = mask.clone().float()
+        valid[:, 0] = 0.0  # the [CLS]/[ENC] token summarizes, it does not point
+        valid = valid / valid.sum(1, keepdim=True).clamp(min=1.0)
+        maps = torch.einsum("tln,tl->tn", cam, valid)
+        return [geom.grid_to_image(m.reshape(gh, gw).float().cpu()).numpy() for m in maps]
+
+
+HEATMAP_SOURCES = ("clip", "clip-gradcam", "blip")
+
+
+def make_heatmap_source(kind: str, backbone: ClipBackbone, blip_model: str = "Salesforce/blip-itm-base-coco",
+                        blip_layer: int = 7, prompt: str = "{}") -> HeatmapSource:
+    """Build a heatmap source by name (``clip``, ``clip-gradcam`` or ``blip``)."""
+    if kind == "clip":
+        return ClipSimilarityHeatmap(backbone, gradcam=False, prompt=prompt)
+    if kind == "clip-gradcam":
+        return ClipSimilarityHeatmap(backbone, gradcam=True, prompt=prompt)
+    if kind == "blip":
+        return BlipItmHeatmap(blip_model, layer=blip_layer, device=backbone.device, prompt=prompt)
+    raise UnknownNameError(f"unknown heatmap source {kind!r}; choose from {list(HEATMAP_SOURCES)}")
+

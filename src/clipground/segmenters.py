@@ -1,0 +1,225 @@
+"""Turn a phrase heatmap into a box with a promptable segmenter.
+
+Pipeline (:func:`box_from_heatmap`): the heatmap is min-max normalized; its peak and the
+connected region above ``threshold`` around the peak are the *seeds*; a segmenter turns the
+seeds into a mask; the answer is the tight box of the mask component containing the peak
+(the largest component if the peak fell outside the mask). Segmenters share one contract,
+``prepare(image)`` once per image and ``segment(prepared, seeds) -> bool (H, W)``:
+
+* :class:`ThresholdSegmenter` (``threshold``): the seed region itself (an ablation).
+* :class:`GrabCutSegmenter` (``grabcut``, the weight-free default): OpenCV GrabCut
+  initialized with the seed region as probable foreground, pixels far from it as definite
+  background and the rest as probable background.
+* :class:`SamSegmenter` (``sam``): ``transformers.SamModel`` prompted with the peak point
+  and/or the seed box; the image embedding is computed once in ``prepare``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UnknownNameError
+from .heatmaps import _load_pretrained, normalize_heatmap
+
+
+@dataclass
+class Seeds:
+    """What a segmenter is prompted with, all in original-image pixels.
+
+    Attributes:
+        heat: ``(H, W)`` heatmap normalized to ``[0, 1]``.
+        peak: ``(x, y)`` integer pixel of the maximum.
+        region: ``(H, W)`` bool, the connected above-threshold region containing the peak.
+        box: tight ``xyxy`` box of ``region`` (pixel edges).
+    """
+
+    heat: np.ndarray
+    peak: tuple[int, int]
+    region: np.ndarray
+    box: tuple[float, float, float, float]
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """Tight ``xyxy`` box (pixel edges) of a non-empty bool mask."""
+    ys, xs = np.nonzero(mask)
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+
+
+def component_at(mask: np.ndarray, peak: tuple[int, int]) -> np.ndarray:
+    """The 8-connected component of ``mask`` containing ``peak``, else its largest one.
+
+    An empty mask is returned unchanged.
+    """
+    if not mask.any():
+        return mask
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    x, y = peak
+    lab = int(labels[y, x])
+    if lab == 0:
+        lab = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return labels == lab
+
+
+def make_seeds(heat: np.ndarray, threshold: float = 0.5) -> Seeds:
+    """Peak, above-threshold region around it and its box, from a raw ``(H, W)`` heatmap."""
+    h = normalize_heatmap(np.asarray(heat, dtype=np.float32))
+    y, x = np.unravel_index(int(np.argmax(h)), h.shape)
+    peak = (int(x), int(y))
+    region = component_at(h >= threshold, peak)
+    if not region.any():  # a constant heatmap: no evidence, fall back to the whole image
+        region = np.ones_like(h, dtype=bool)
+    return Seeds(h, peak, region, mask_box(region))
+
+
+class Segmenter:
+    """Contract: ``prepare(image)`` once per image, ``segment(prepared, seeds)`` per phrase."""
+
+    name: str = ""
+
+    def prepare(self, image: Image.Image) -> dict[str, Any]:
+        return {"size": image.size}
+
+    def segment(self, prepared: dict[str, Any], seeds: Seeds) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ThresholdSegmenter(Segmenter):
+    """The thresholded heatmap region itself (no image evidence)."""
+
+    name = "threshold"
+
+    def segment(self, prepared: dict[str, Any], seeds: Seeds) -> np.ndarray:
+        return seeds.region
+
+
+class GrabCutSegmenter(Segmenter):
+    """OpenCV GrabCut seeded by the heatmap (needs no weights).
+
+    Args:
+        iters: GrabCut iterations.
+        margin: pixels farther than ``margin * max(H, W)`` from the seed region (and below
+            the threshold) are definite background.
+        max_side: GrabCut runs on the image downscaled to at most this side (it is
+            super-linear in the pixel count); the mask is scaled back up.
+    """
+
+    name = "grabcut"
+
+    def __init__(self, iters: int = 5, margin: float = 0.1, max_side: int = 320):
+        self.iters = iters
+        self.margin = margin
+        self.max_side = max_side
+
+    def prepare(self, image: Image.Image) -> dict[str, Any]:
+        w, h = image.size
+        s = min(1.0, self.max_side / max(w, h))
+        small = image if s == 1.0 else image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+        return {"size": (w, h), "small": np.ascontiguousarray(np.asarray(small.convert("RGB"))[:, :, ::-1])}
+
+    def segment(self, prepared: dict[str, Any], seeds: Seeds) -> np.ndarray:
+        w, h = prepared["size"]
+        img = prepared["small"]
+        sh, sw = img.shape[:2]
+        region = cv2.resize(seeds.region.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST).astype(bool)
+        if not region.any():
+            return seeds.region
+        mask = np.full((sh, sw), cv2.GC_PR_BGD, np.uint8)
+        mask[region] = cv2.GC_PR_FGD
+        dist = cv2.distanceTransform((~region).astype(np.uint8), cv2.DIST_L2, 3)
+        mask[dist > self.margin * max(sh, sw)] = cv2.GC_BGD
+        if (mask == cv2.GC_PR_FGD).all():
+            return seeds.region  # nothing can be background: GrabCut has no model to fit
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        try:
+            cv2.grabCut(img, mask, None, bgd, fgd, self.iters, cv2.GC_INIT_WITH_MASK)
+        except cv2.error:
+            return seeds.region
+        fg = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+        if (sw, sh) != (w, h):
+            fg = cv2.resize(fg.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        return fg
+
+
+SAM_PROMPTS = ("point", "box", "point+box")
+
+
+class SamSegmenter(Segmenter):
+    """Segment Anything through ``transformers.SamModel`` / ``SamProcessor``.
+
+    Args:
+        model: hub id or local directory of a SAM checkpoint.
+        prompt: ``point`` (the heatmap peak), ``box`` (the seed box) or ``point+box``.
+        device: where to run SAM.
+    """
+
+    name = "sam"
+
+    def __init__(self, model: str = "facebook/sam-vit-base", prompt: str = "point+box",
+                 device: str | torch.device = "cpu"):
+        from transformers import SamModel, SamProcessor
+
+        if prompt not in SAM_PROMPTS:
+            raise UnknownNameError(f"unknown sam_prompt {prompt!r}; choose from {list(SAM_PROMPTS)}")
+        opt, alt = "sam_model", "segmenter='grabcut'"
+        self.model = _load_pretrained(SamModel, model, "SAM model", opt, alt).to(device).eval()
+        self.processor = _load_pretrained(SamProcessor, model, "SAM processor", opt, alt)
+        self.prompt = prompt
+        self.device = torch.device(device)
+
+    def prepare(self, image: Image.Image) -> dict[str, Any]:
+        inp = self.processor(images=image, return_tensors="pt")
+        emb = self.model.get_image_embeddings(inp["pixel_values"].to(self.device))
+        return {"size": image.size, "image": image, "embeddings": emb, "original_sizes": inp["original_sizes"],
+                "reshaped_input_sizes": inp["reshaped_input_sizes"]}
+
+    def segment(self, prepared: dict[str, Any], seeds: Seeds) -> np.ndarray:
+        kwargs: dict[str, Any] = {}
+        if "point" in self.prompt:
+            kwargs["input_points"] = [[[list(map(float, seeds.peak))]]]
+            kwargs["input_labels"] = [[[1]]]
+        if "box" in self.prompt:
+            kwargs["input_boxes"] = [[list(seeds.box)]]
+        # The processor only rescales prompts to SAM's input frame; the image is already embedded.
+        prompts = self.processor(images=prepared["image"], return_tensors="pt", **kwargs)
+        fwd = {k: prompts[k].to(self.device) for k in ("input_points", "input_labels", "input_boxes") if k in prompts}
+        out = self.model(image_embeddings=prepared["embeddings"], multimask_output=True, **fwd)
+        masks = self.processor.image_processor.post_process_masks(
+            out.pred_masks.cpu(), prepared["original_sizes"], prepared["reshaped_input_sizes"])[0]  # (1, 3, H, W)
+        best = int(out.iou_scores[0, 0].argmax())
+        return masks[0, best].numpy().astype(bool)
+
+
+SEGMENTERS = ("grabcut", "sam", "threshold")
+
+
+def make_segmenter(kind: str, sam_model: str = "facebook/sam-vit-base", sam_prompt: str = "point+box",
+                   grabcut_iters: int = 5, grabcut_margin: float = 0.1, max_side: int = 320,
+                   device: str | torch.device = "cpu") -> Segmenter:
+    """Build a segmenter by name (``grabcut``, ``sam`` or ``threshold``)."""
+    if kind == "grabcut":
+        return GrabCutSegmenter(iters=grabcut_iters, margin=grabcut_margin, max_side=max_side)
+    if kind == "sam":
+        return SamSegmenter(sam_model, prompt=sam_prompt, device=device)
+    if kind == "threshold":
+        return ThresholdSegmenter()
+    raise UnknownNameError(f"unknown segmenter {kind!r}; choose from {list(SEGMENTERS)}")
+
+
+def box_from_heatmap(heat: np.ndarray, segmenter: Segmenter, prepared: dict[str, Any],
+                     threshold: float = 0.5) -> tuple[tuple[float, float, float, float], Seeds]:
+    """The box of the segmented component around the heatmap peak (and the seeds used).
+
+    Falls back to the seed region when the segmenter returns an empty mask.
+    """
+    seeds = make_seeds(heat, threshold)
+    mask = np.asarray(segmenter.segment(prepared, seeds), dtype=bool)
+    comp = component_at(mask, seeds.peak)
+    if not comp.any():
+        comp = seeds.region
+    return mask_box(comp), seeds
