@@ -127,8 +127,14 @@ def pad_to_square(image: Image.Image, fill: Sequence[float] = (0.5, 0.5, 0.5),
     else:
         sq = Image.new("RGB", (side, side), color)
         sq.paste(image, (0, 0))
+    return sq, square_geometry(w, h, fraction)
+
+
+def square_geometry(width: int, height: int, fraction: float = 1.0) -> InputGeometry:
+    """The :class:`InputGeometry` of :func:`pad_to_square` for a ``width x height`` image."""
+    side = max(width, height)
     margin = side * (1.0 - fraction) / 2.0
-    return sq, InputGeometry(side * fraction, side * fraction, margin, margin, w, h)
+    return InputGeometry(side * fraction, side * fraction, margin, margin, width, height)
 
 
 def clip_square_input(backbone: ClipBackbone, image: Image.Image) -> tuple[Image.Image, InputGeometry]:
@@ -268,8 +274,9 @@ class BlipItmHeatmap(HeatmapSource):
 
     Args:
         model: hub id or local directory of a ``BlipForImageTextRetrieval`` checkpoint.
-        layer: text-encoder layer whose cross-attention is read (clamped to the last one;
-            7 is the usual choice for 12-layer BLIP base).
+        layer: text-encoder layer whose cross-attention is read (7, the usual choice for
+            12-layer BLIP base; clamped to the penultimate layer, because in the last one only
+            the [CLS] row reaches the ITM head; a negative value counts from the end).
         device: where to run BLIP.
     """
 
@@ -286,7 +293,9 @@ class BlipItmHeatmap(HeatmapSource):
             p.requires_grad_(False)
         self.processor = _load_pretrained(BlipProcessor, model, "BLIP processor", opt, alt)
         n = len(self.model.text_encoder.encoder.layer)
-        self.layer = min(layer, n - 1) if layer >= 0 else n + layer
+        # In the last layer only the [CLS] row reaches the ITM head, so prefer an earlier one.
+        self.layer = min(layer, max(n - 2, 0)) if layer >= 0 else n + layer
+        self.last = self.layer == n - 1
         self.prompt = prompt
         self.device = torch.device(device)
 
@@ -324,7 +333,8 @@ class BlipItmHeatmap(HeatmapSource):
             (grad,) = torch.autograd.grad(itm[:, 1].sum(), attn)
         cam = (attn.detach() * grad.clamp(min=0)).mean(1)[..., 1:]  # (T, L, N), image CLS dropped
         valid = mask.clone().float()
-        valid[:, 0] = 0.0  # the [CLS]/[ENC] token summarizes, it does not point
+        if not self.last:
+            valid[:, 0] = 0.0  # the [CLS]/[ENC] token summarizes, it does not point
         valid = valid / valid.sum(1, keepdim=True).clamp(min=1.0)
         maps = torch.einsum("tln,tl->tn", cam, valid)
         return [geom.grid_to_image(m.reshape(gh, gw).float().cpu()).numpy() for m in maps]

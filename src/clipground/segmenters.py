@@ -8,8 +8,9 @@ seeds into a mask; the answer is the tight box of the mask component containing 
 
 * :class:`ThresholdSegmenter` (``threshold``): the seed region itself (an ablation).
 * :class:`GrabCutSegmenter` (``grabcut``, the weight-free default): OpenCV GrabCut
-  initialized with the seed region as probable foreground, pixels far from it as definite
-  background and the rest as probable background.
+  initialized with the heatmap's core as definite foreground, the (dilated) seed region as
+  probable foreground, a band around it as probable background and pixels far from it as
+  definite background.
 * :class:`SamSegmenter` (``sam``): ``transformers.SamModel`` prompted with the peak point
   and/or the seed box; the image embedding is computed once in ``prepare``.
 """
@@ -37,12 +38,14 @@ class Seeds:
         peak: ``(x, y)`` integer pixel of the maximum.
         region: ``(H, W)`` bool, the connected above-threshold region containing the peak.
         box: tight ``xyxy`` box of ``region`` (pixel edges).
+        threshold: the threshold ``region`` was cut at.
     """
 
     heat: np.ndarray
     peak: tuple[int, int]
     region: np.ndarray
     box: tuple[float, float, float, float]
+    threshold: float = 0.5
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -74,7 +77,7 @@ def make_seeds(heat: np.ndarray, threshold: float = 0.5) -> Seeds:
     region = component_at(h >= threshold, peak)
     if not region.any():  # a constant heatmap: no evidence, fall back to the whole image
         region = np.ones_like(h, dtype=bool)
-    return Seeds(h, peak, region, mask_box(region))
+    return Seeds(h, peak, region, mask_box(region), threshold)
 
 
 class Segmenter:
@@ -103,16 +106,20 @@ class GrabCutSegmenter(Segmenter):
 
     Args:
         iters: GrabCut iterations.
-        margin: pixels farther than ``margin * max(H, W)`` from the seed region (and below
-            the threshold) are definite background.
+        margin: band width as a fraction of ``max(H, W)``: the seed region dilated by one
+            band is probable foreground, the next band probable background, the rest
+            definite background.
         max_side: GrabCut runs on the image downscaled to at most this side (it is
             super-linear in the pixel count); the mask is scaled back up.
+        core: pixels of the seed region with normalized heat >= ``core`` are definite
+            foreground (the peak at least), anchoring the foreground colour model.
     """
 
     name = "grabcut"
 
-    def __init__(self, iters: int = 5, margin: float = 0.1, max_side: int = 320):
+    def __init__(self, iters: int = 5, margin: float = 0.1, max_side: int = 320, core: float = 0.95):
         self.iters = iters
+        self.core = core
         self.margin = margin
         self.max_side = max_side
 
@@ -127,13 +134,24 @@ class GrabCutSegmenter(Segmenter):
         img = prepared["small"]
         sh, sw = img.shape[:2]
         region = cv2.resize(seeds.region.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST).astype(bool)
+        heat = cv2.resize(seeds.heat, (sw, sh), interpolation=cv2.INTER_LINEAR)
         if not region.any():
             return seeds.region
-        mask = np.full((sh, sw), cv2.GC_PR_BGD, np.uint8)
-        mask[region] = cv2.GC_PR_FGD
+        # GrabCut carves objects out of a generous foreground guess better than it grows
+        # them: the seed region dilated by `margin` is probable foreground, the next band
+        # of the same width probable background, everything farther definite background.
         dist = cv2.distanceTransform((~region).astype(np.uint8), cv2.DIST_L2, 3)
-        mask[dist > self.margin * max(sh, sw)] = cv2.GC_BGD
-        if (mask == cv2.GC_PR_FGD).all():
+        band = self.margin * max(sh, sw)
+        mask = np.full((sh, sw), cv2.GC_BGD, np.uint8)
+        mask[dist <= 2 * band] = cv2.GC_PR_BGD
+        mask[dist <= band] = cv2.GC_PR_FGD
+        # The heatmap's core (around the peak) anchors the foreground colour model.
+        core = region & (heat >= self.core)
+        if not core.any():
+            core = np.zeros_like(region)
+            core[min(sh - 1, seeds.peak[1] * sh // h), min(sw - 1, seeds.peak[0] * sw // w)] = True
+        mask[core] = cv2.GC_FGD
+        if not ((mask == cv2.GC_BGD) | (mask == cv2.GC_PR_BGD)).any():
             return seeds.region  # nothing can be background: GrabCut has no model to fit
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         try:
@@ -175,19 +193,23 @@ class SamSegmenter(Segmenter):
     def prepare(self, image: Image.Image) -> dict[str, Any]:
         inp = self.processor(images=image, return_tensors="pt")
         emb = self.model.get_image_embeddings(inp["pixel_values"].to(self.device))
-        return {"size": image.size, "image": image, "embeddings": emb, "original_sizes": inp["original_sizes"],
+        return {"size": image.size, "embeddings": emb, "original_sizes": inp["original_sizes"],
                 "reshaped_input_sizes": inp["reshaped_input_sizes"]}
 
     def segment(self, prepared: dict[str, Any], seeds: Seeds) -> np.ndarray:
-        kwargs: dict[str, Any] = {}
+        # Prompts go to SAM's resized input frame, as SamProcessor does: scale x and y by
+        # reshaped/original size (the image itself is already embedded in prepare()).
+        (oh, ow), (rh, rw) = prepared["original_sizes"][0].tolist(), prepared["reshaped_input_sizes"][0].tolist()
+        sx, sy = rw / ow, rh / oh
+        fwd: dict[str, torch.Tensor] = {}
         if "point" in self.prompt:
-            kwargs["input_points"] = [[[list(map(float, seeds.peak))]]]
-            kwargs["input_labels"] = [[[1]]]
+            px, py = float(seeds.peak[0]), float(seeds.peak[1])  # SAM adds the half-pixel shift itself
+            fwd["input_points"] = torch.tensor([[[[px * sx, py * sy]]]], dtype=torch.float32, device=self.device)
+            fwd["input_labels"] = torch.ones(1, 1, 1, dtype=torch.long, device=self.device)
         if "box" in self.prompt:
-            kwargs["input_boxes"] = [[list(seeds.box)]]
-        # The processor only rescales prompts to SAM's input frame; the image is already embedded.
-        prompts = self.processor(images=prepared["image"], return_tensors="pt", **kwargs)
-        fwd = {k: prompts[k].to(self.device) for k in ("input_points", "input_labels", "input_boxes") if k in prompts}
+            x1, y1, x2, y2 = seeds.box
+            fwd["input_boxes"] = torch.tensor([[[x1 * sx, y1 * sy, x2 * sx, y2 * sy]]], dtype=torch.float32,
+                                              device=self.device)
         out = self.model(image_embeddings=prepared["embeddings"], multimask_output=True, **fwd)
         masks = self.processor.image_processor.post_process_masks(
             out.pred_masks.cpu(), prepared["original_sizes"], prepared["reshaped_input_sizes"])[0]  # (1, 3, H, W)
@@ -200,10 +222,10 @@ SEGMENTERS = ("grabcut", "sam", "threshold")
 
 def make_segmenter(kind: str, sam_model: str = "facebook/sam-vit-base", sam_prompt: str = "point+box",
                    grabcut_iters: int = 5, grabcut_margin: float = 0.1, max_side: int = 320,
-                   device: str | torch.device = "cpu") -> Segmenter:
+                   grabcut_core: float = 0.95, device: str | torch.device = "cpu") -> Segmenter:
     """Build a segmenter by name (``grabcut``, ``sam`` or ``threshold``)."""
     if kind == "grabcut":
-        return GrabCutSegmenter(iters=grabcut_iters, margin=grabcut_margin, max_side=max_side)
+        return GrabCutSegmenter(iters=grabcut_iters, margin=grabcut_margin, max_side=max_side, core=grabcut_core)
     if kind == "sam":
         return SamSegmenter(sam_model, prompt=sam_prompt, device=device)
     if kind == "threshold":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, build_grounder
@@ -39,7 +40,7 @@ def eval_command(
     err = Console(stderr=True)
     console = err if json_out else Console()
     loaded = load_records(annotations, format=format, images=images, split=split, limit=limit)
-    console.print(loaded.summary())
+    console.print(loaded.summary(), soft_wrap=True, markup=False)
     if not loaded.records:
         where = f" (e.g. {loaded.missing_example})" if loaded.missing_example else ""
         raise ClipgroundError(f"nothing to evaluate: none of the {loaded.total} items in {annotations} has its image "
@@ -52,8 +53,8 @@ def eval_command(
         print(json.dumps(result.to_json(), indent=2))
     else:
         for line in describe_protocol(result):
-            console.print(line, highlight=False)
-        t = Table(title=f"{result.label}")
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
+        t = Table(title=escape(result.label))
         t.add_column("metric")
         t.add_column("value", justify="right")
         for name, value in metric_rows(result):
@@ -67,13 +68,16 @@ def eval_command(
             for k in cols:
                 bt.add_column(METRIC_NAMES[k].split(" (")[0], justify="right")
             for b, v in buckets.items():
-                bt.add_row(b, str(int(v["count"])), *[format_value(k, v[k]) for k in cols if k in v])
+                bt.add_row(escape(b), str(int(v["count"])), *[format_value(k, v[k]) for k in cols if k in v])
             console.print(bt)
     for f in result.failures[:5]:
-        err.print(f"warning: {f['image']}: {f['error']}", highlight=False)
+        err.print(f"warning: {f['image']}: {f['error']}", highlight=False, soft_wrap=True, markup=False)
     if len(result.failures) > 5:
         err.print(f"warning: {len(result.failures) - 5} more failures listed in {files['metrics.md']}")
-    err.print(f"wrote {', '.join(str(p) for p in files.values())}", highlight=False)
+    err.print(f"wrote {', '.join(str(p) for p in files.values())}", highlight=False, soft_wrap=True, markup=False)
+    if not result.items and result.failures:
+        raise ClipgroundError(f"no expression could be scored: {result.counts['failed_items']} failed "
+                              f"(first: {result.failures[0]['image']}: {result.failures[0]['error']})")
     sys.stdout.flush()
 
 

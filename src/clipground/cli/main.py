@@ -29,6 +29,7 @@ _COMMAND_MODULES = [
     "clipground.cli.evaluate",
     "clipground.cli.demo",
     "clipground.cli.world",
+    "clipground.cli.cache",
 ]
 
 for _name in _COMMAND_MODULES:
@@ -48,12 +49,16 @@ def main() -> None:
     except Exception as e:  # click usage errors arrive here with standalone_mode=False
         import click
 
-        if isinstance(e, click.exceptions.Exit):
+        try:  # typer >= 0.20 vendors click as typer._click: its usage errors are not click's
+            from typer._click import ClickException as TyperClickException
+        except ImportError:  # pragma: no cover - older typer uses click itself
+            TyperClickException = click.ClickException
+        if isinstance(e, (click.exceptions.Exit, typer.Exit)):
             sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
+        if isinstance(e, (click.ClickException, TyperClickException)):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, (click.exceptions.Abort, typer.Abort)):
             sys.exit(1)
         raise
 

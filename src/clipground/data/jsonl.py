@@ -68,6 +68,7 @@ def write_jsonl(
                 if relative_to is not None:
                     d["image"] = os.path.relpath(d["image"], relative_to)
                 f.write(json.dumps(d, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are ordinary readable files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

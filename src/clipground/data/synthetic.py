@@ -57,7 +57,7 @@ from numpy.random import PCG64, Generator, SeedSequence
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import ClipgroundError
+from ..errors import BadAnnotationError, ClipgroundError
 from .jsonl import write_jsonl
 from .records import GroundingRecord
 
@@ -1056,8 +1056,6 @@ def load_scene_objects(out_dir: str | os.PathLike, split: str, masks: bool = Fal
     Object order equals the ``target`` index used in records' meta. Masks are decoded only
     when ``masks`` is true.
     """
-    from ..errors import BadAnnotationError
-
     path = Path(out_dir) / f"instances_{split}.json"
     try:
         coco = json.loads(path.read_text(encoding="utf-8"))

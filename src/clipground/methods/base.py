@@ -57,7 +57,14 @@ class MethodConfig:
         unknown = set(d) - names
         if unknown:
             raise UnknownNameError(f"unknown option(s) for {cls.__name__}: {sorted(unknown)}; known: {sorted(names)}")
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        types = {f.name: str(f.type) for f in fields(cls)}
+        kwargs = {}
+        for k, v in d.items():
+            if isinstance(v, list):
+                v = tuple(v)
+            elif isinstance(v, str) and types[k].startswith("tuple"):
+                v = tuple(x.strip() for x in v.split(",") if x.strip())  # "crop" or "crop,blur"
+            kwargs[k] = v
         return cls(**kwargs)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UnknownNameError
 from ..imageops import VIEW_KINDS, render_views
 from ..relations import parse, resolve
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
@@ -56,7 +57,7 @@ class ZeroShotScorer(GroundingMethod):
         super().__init__(backbone, config)
         bad = set(self.config.views) - set(VIEW_KINDS)
         if bad or not self.config.views:
-            raise ValueError(f"views must be a non-empty subset of {VIEW_KINDS}, got {self.config.views}")
+            raise UnknownNameError(f"views must be a non-empty subset of {VIEW_KINDS}, got {list(self.config.views)}")
 
     def encode_image(self, state: ImageState) -> None:
         boxes = state.proposals.boxes

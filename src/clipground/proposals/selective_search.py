@@ -3,9 +3,13 @@
 OpenCV returns its boxes in a randomized order (its ranking multiplies the hierarchy
 level by a random number from an internal generator we cannot seed), so taking "the
 first K" would give different proposals on every call. We therefore re-rank the unique
-boxes with a deterministic objectness cue, the colour contrast between a box and the
+boxes with a deterministic objectness cue: the colour contrast between a box and the
 ring around it (Alexe et al., "Measuring the objectness of image windows", TPAMI 2012),
-computed for all boxes at once with integral colour histograms.
+computed for all boxes at once with integral colour histograms, times the square root of
+the box's share of the image (contrast alone favours tiny boxes), followed by NMS at 0.7.
+On the first 16 COCO128 images this ranking keeps recall@0.5 of 29% / 33% / 38% of all
+ground-truth objects at 32 / 64 / 100 boxes, against 22% / 28% / 29% for a random subset
+(``scripts/proposal_recall.py`` measures it on all of COCO128).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ class SelectiveSearch(ProposalSource):
     """
 
     name = "selective-search"
+    top_k: int = 100
+    nms_iou: float | None = 0.7
     max_side: int = 500
     mode: str = "fast"
     max_aspect: float = 6.0
@@ -86,6 +92,7 @@ class SelectiveSearch(ProposalSource):
         aspect = np.maximum(rects[:, 2] / np.maximum(rects[:, 3], 1), rects[:, 3] / np.maximum(rects[:, 2], 1))
         rects = rects[aspect <= self.max_aspect]
         xyxy = np.stack([rects[:, 0], rects[:, 1], rects[:, 0] + rects[:, 2], rects[:, 1] + rects[:, 3]], 1)
-        scores = color_contrast(rgb, xyxy)
+        area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]) / float(rgb.shape[0] * rgb.shape[1])
+        scores = color_contrast(rgb, xyxy) * np.sqrt(area)
         boxes = torch.as_tensor(xyxy, dtype=torch.float32) / scale
         return boxes, torch.as_tensor(scores, dtype=torch.float32)

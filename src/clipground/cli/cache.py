@@ -1,0 +1,81 @@
+"""``clipground cache build|info``: the proposal + feature cache (see :mod:`clipground.cache`)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+
+from .common import quiet_transformers
+
+cache_app = typer.Typer(help="Proposal + CLIP feature cache for fast training on a frozen backbone.",
+                        no_args_is_help=True)
+
+
+@cache_app.command("build")
+def build(
+    data: str = typer.Option(..., "--data", help="Annotations (any format `clipground eval` reads) or a world directory (all its splits' images)."),
+    images: str | None = typer.Option(None, "--images", help="Image root for annotation formats with bare file names."),
+    backbone: str = typer.Option("clipground/world-clip", "--backbone", "-b", help="CLIP checkpoint (hub id, directory, bundled name)."),
+    proposals: str = typer.Option("selective-search", "--proposals", "-p", help="Proposal source: selective-search, torchvision, gt:INSTANCES.json, file:PROPOSALS.jsonl."),
+    out: str = typer.Option(..., "--out", help="Cache directory (resumed if it holds an unfinished build of the same inputs)."),
+    views: str = typer.Option("crop,blur", "--views", help="Proposal views to embed (comma-separated: crop, blur, circle)."),
+    patches: bool = typer.Option(False, "--patches", help="Also store whole-image patch embeddings."),
+    shard_size: int = typer.Option(64, "--shard-size", help="Images per shard (the unit of resumption)."),
+    split: str | None = typer.Option(None, "--split", help="Keep only records of this split."),
+    limit: int | None = typer.Option(None, "--limit", help="Use at most this many records."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Overwrite a cache built from different inputs (default: refuse)."),
+) -> None:
+    """Run the proposal source and the frozen CLIP once per image; store boxes and features.
+
+    The cache is keyed by a fingerprint of the backbone weights, the proposal config, the
+    preprocessing and the data (image paths, sizes, mtimes). Building into a directory
+    that holds a different cache fails unless --rebuild; a killed build resumes.
+    """
+    from pathlib import Path
+
+    from ..backbone import ClipBackbone
+    from ..cache import CacheSpec, FeatureCache
+    from ..data.loaders import load_records
+    from ..proposals import get_proposals
+
+    quiet_transformers()
+    console = Console(stderr=True)
+    p = Path(data)
+    if p.is_dir() and (p / "world.json").is_file():
+        records = []
+        for s in ("train", "val", "test", "compositional"):
+            if (p / f"{s}.jsonl").is_file() and (split is None or split == s):
+                records += load_records(p / f"{s}.jsonl").records
+        records = records[:limit] if limit else records
+        console.print(f"world {p}: {len(records)} records")
+    else:
+        res = load_records(data, images=images, split=split, limit=limit)
+        records = res.records
+        console.print(f"{data}: {res.summary()}")
+    if not records:
+        from ..errors import BadAnnotationError
+
+        raise BadAnnotationError(f"no usable records in {data}: nothing to cache")
+    bb = ClipBackbone.from_pretrained(backbone)
+    spec = CacheSpec(views=tuple(v.strip() for v in views.split(",") if v.strip()), patches=patches, shard_size=shard_size)
+    existed = (Path(out) / "index.json").is_file()
+    cache = FeatureCache.build(out, records, bb, get_proposals(proposals), spec, rebuild=rebuild)
+    s = cache.summary()
+    verb = "resumed/reused" if existed else "built"
+    console.print(f"{verb} feature cache {out}: {s['images']} images, {s['texts']} expressions"
+                  + (f" ({s['skipped_texts']} too long for the text encoder, skipped)" if s["skipped_texts"] else "")
+                  + f", {s['bytes'] / 1e6:.1f} MB, fingerprint {s['fingerprint'][:16]}")
+
+
+@cache_app.command("info")
+def info(path: str = typer.Argument(..., help="Cache directory.")) -> None:
+    """Print a cache's summary (JSON): fingerprint, counts, completeness, size."""
+    from ..cache import FeatureCache
+
+    print(json.dumps(FeatureCache.open(path, require_complete=False).summary(), indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(cache_app, name="cache")

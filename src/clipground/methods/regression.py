@@ -1,0 +1,175 @@
+"""Fusion regressor: a small Transformer on frozen CLIP tokens that regresses the box directly.
+
+No proposals. In the spirit of TransVG (Deng et al., ICCV 2021) but on a *frozen* CLIP:
+CLIP's last-layer patch tokens and pooled image embedding, and the phrase's text token
+states and pooled text embedding, are linearly projected to a shared ``dim``-wide space,
+given learned type (REG / image / text) and position embeddings, and fused by a
+Transformer encoder together with a learned ``[REG]`` token. An MLP with LeakyReLU on the
+``[REG]`` output predicts ``(cx, cy, w, h)`` through a sigmoid, converted to
+``(x_min, y_min, x_max, y_max)`` (so ``min < max`` by construction), plus a quality logit
+(the predicted IoU of its own box, used as the score).
+
+Geometry: the image is padded right/bottom to a square with the checkpoint's mean colour
+(:func:`clipground.heatmaps.pad_to_square`) before CLIP's own preprocessing, so the
+processor's resize+centre-crop is a plain resize of the whole image; the predicted
+normalized box lives in that square and :class:`~clipground.heatmaps.InputGeometry` maps it
+back to original pixels exactly (clipped to the image).
+
+Training (``clipground train --method fusion-regressor``, :mod:`clipground.training.recipes.regression`)
+caches the frozen CLIP features of every image and phrase once, so an epoch costs no
+backbone pass. Loss: Smooth L1 + GIoU on normalized ``xyxy`` (+ a small quality term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import ClipBackbone, TextFeatures
+from ..heatmaps import InputGeometry, clip_square_input
+from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
+
+
+def encode_square_image(backbone: ClipBackbone, image: Any) -> dict[str, Any]:
+    """Frozen CLIP features of the padded-square image (shared by the dense methods).
+
+    Returns ``{"img_embed": (D,), "patches": (P, Dv), "grid": (h, w), "geometry": InputGeometry}``.
+    """
+    sq, geom = clip_square_input(backbone, image)
+    f = backbone.encode_images([sq])
+    return {"img_embed": f.embeds[0], "patches": f.patch_tokens[0], "grid": f.grid, "geometry": geom}
+
+
+def encode_phrases(backbone: ClipBackbone, phrases: list[str], prompt: str = "{}") -> TextFeatures:
+    """Frozen CLIP text features (pooled embedding, token states, mask) of the prompted phrases."""
+    return backbone.encode_texts([prompt.format(p) for p in phrases])
+
+
+def patch_grid(backbone: ClipBackbone) -> tuple[int, int]:
+    """``(h, w)`` of the backbone's patch grid, from its config."""
+    vc = backbone.model.config.vision_config
+    side = int(vc.image_size) // int(vc.patch_size)
+    return side, side
+
+
+def cxcywh_to_xyxy(raw: torch.Tensor) -> torch.Tensor:
+    """Unbounded ``(..., 4)`` logits -> sigmoid ``(cx, cy, w, h)`` -> ``xyxy`` (min < max always)."""
+    cx, cy, w, h = raw.sigmoid().unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def box_losses(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean Smooth L1 and mean GIoU loss of normalized ``xyxy`` boxes ``(B, 4)``."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    l1 = F.smooth_l1_loss(pred, target, beta=0.05, reduction="mean")
+    giou = generalized_box_iou_loss(pred, target, reduction="mean")
+    return l1, giou
+
+
+@dataclass
+class FusionRegressorConfig(MethodConfig):
+    """Options of :class:`FusionRegressor` (architecture; training options live in the recipe).
+
+    Attributes:
+        dim: width of the shared fusion space.
+        layers: Transformer encoder layers.
+        heads: attention heads.
+        ff_mult: feed-forward width as a multiple of ``dim``.
+        dropout: dropout inside the encoder.
+        head_hidden: hidden width of the box MLP.
+        prompt: template the phrase is put in before text encoding.
+    """
+
+    dim: int = 256
+    layers: int = 4
+    heads: int = 8
+    ff_mult: int = 4
+    dropout: float = 0.1
+    head_hidden: int = 256
+    prompt: str = "{}"
+
+
+@dataclass
+class FusionOutput:
+    """Head outputs: ``boxes (B, 4)`` normalized ``xyxy`` (not clipped), ``quality (B,)`` logits."""
+
+    boxes: torch.Tensor
+    quality: torch.Tensor
+
+
+class FusionHead(nn.Module):
+    """The trainable part: projections, embeddings, Transformer encoder, box MLP."""
+
+    def __init__(self, cfg: FusionRegressorConfig, vision_width: int, text_width: int, embed_dim: int,
+                 num_patches: int, max_text: int):
+        super().__init__()
+        d = cfg.dim
+        self.img_in = nn.Sequential(nn.LayerNorm(vision_width), nn.Linear(vision_width, d))
+        self.txt_in = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
+        self.img_pool_in = nn.Linear(embed_dim, d)
+        self.txt_pool_in = nn.Linear(embed_dim, d)
+        self.type_embed = nn.Embedding(3, d)  # 0: [REG], 1: image, 2: text
+        self.img_pos = nn.Parameter(torch.randn(1 + num_patches, d) * 0.02)
+        self.txt_pos = nn.Parameter(torch.randn(1 + max_text, d) * 0.02)
+        self.reg_token = nn.Parameter(torch.randn(d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, cfg.heads, cfg.ff_mult * d, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        h = cfg.head_hidden
+        self.head = nn.Sequential(nn.Linear(d, h), nn.LeakyReLU(0.1), nn.Linear(h, h), nn.LeakyReLU(0.1),
+                                  nn.Linear(h, 5))
+
+    def forward(self, img_embed: torch.Tensor, patches: torch.Tensor, txt_embed: torch.Tensor,
+                txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> FusionOutput:
+        """Fuse one image's (or a batch's) tokens with phrase tokens.
+
+        Shapes: ``img_embed (B, D)``, ``patches (B, P, Dv)``, ``txt_embed (B, D)``,
+        ``txt_tokens (B, L, Dt)``, ``txt_mask (B, L)`` (True = real token).
+        """
+        b, p, _ = patches.shape
+        length = txt_tokens.shape[1]
+        img = torch.cat([self.img_pool_in(img_embed)[:, None], self.img_in(patches)], 1) + self.img_pos[: 1 + p]
+        txt = torch.cat([self.txt_pool_in(txt_embed)[:, None], self.txt_in(txt_tokens)], 1) + self.txt_pos[: 1 + length]
+        reg = self.reg_token.expand(b, 1, -1)
+        types = self.type_embed.weight
+        x = torch.cat([reg + types[0], img + types[1], txt + types[2]], 1)
+        keep = torch.cat([torch.ones(b, 3 + p, dtype=torch.bool, device=x.device), txt_mask.bool()], 1)
+        x = self.encoder(x, src_key_padding_mask=~keep)
+        out = self.head(x[:, 0])
+        return FusionOutput(cxcywh_to_xyxy(out[:, :4]), out[:, 4])
+
+
+@register_method
+class FusionRegressor(GroundingMethod):
+    """Direct box regression from frozen CLIP image and text tokens (see module docstring)."""
+
+    name = "fusion-regressor"
+    Config = FusionRegressorConfig
+    uses_proposals = False
+    trainable = True
+
+    def __init__(self, backbone: ClipBackbone, config: FusionRegressorConfig | None = None):
+        super().__init__(backbone, config)
+        gh, gw = patch_grid(backbone)
+        self.fusion = FusionHead(self.config, backbone.vision_width, backbone.text_width, backbone.embed_dim,
+                                 gh * gw, backbone.max_text_tokens)
+
+    def encode_image(self, state: ImageState) -> None:
+        state.features.update(encode_square_image(self.backbone, state.image))
+
+    def rank(self, state: ImageState, phrases: list[str]) -> list[Ranking]:
+        if not phrases:
+            return []
+        t = encode_phrases(self.backbone, phrases, self.config.prompt)
+        f = state.features
+        n = len(phrases)
+        out = self.fusion(f["img_embed"].expand(n, -1), f["patches"].expand(n, -1, -1), t.embeds, t.tokens, t.mask)
+        geom: InputGeometry = f["geometry"]
+        boxes = geom.to_pixels(out.boxes.clamp(0, 1))
+        scores = out.quality.sigmoid()
+        return [Ranking(boxes[i : i + 1], scores[i : i + 1]) for i in range(n)]

@@ -1,0 +1,748 @@
+"""Pretrain a small CLIP in the synthetic world (``clipground pretrain``).
+
+No pretrained CLIP weights are reachable offline, so clipground ships its own: a
+transformers :class:`~transformers.CLIPModel` (a ViT on 64 px inputs with 8 px patches and a
+small text transformer, ~2.5M parameters) trained contrastively on *region-caption*
+pairs from the world's train split only.
+
+The model is later used zero-shot exactly like a hub CLIP: every candidate box is shown
+as isolated views (:mod:`clipground.imageops`: ``crop``, ``blur``, ``circle``), encoded
+through the checkpoint's own image processor, and compared by cosine similarity with the
+phrase. So training shows exactly those views, of these regions:
+
+* ``object``: an object's box (slightly jittered, IoU >= ~0.7), captioned with a noun
+  phrase naming a random subset of its attributes: "circle", "the red circle",
+  "a large star", "the small blue hexagon"...
+* ``part``: a box covering only part of one object (IoU < 0.4 with every object):
+  "part of a red circle".
+* ``loose``: a box around one whole object with much background (IoU < 0.4):
+  "background around a red circle".
+* ``background``: a box touching no object: "background".
+* ``pair``: the union box of two objects: "a red circle and a blue square".
+
+The loss is a symmetric *multi-positive* contrastive loss: the targets of a region are
+every caption in the batch that is true of it ("circle" is true of every circle region,
+"the large circle" only of large ones), so shared captions are not pushed apart, while
+the non-object regions of the same scene are hard negatives for object captions (a
+proposal that cuts an object or spans two must score below the tight box). Several
+regions are drawn per scene, so each batch holds same-scene distractors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.synthetic import SceneObject, WorldConfig, ensure_world, load_scene_objects, load_world_config
+from ..errors import ClipgroundError
+from ..imageops import VIEW_KINDS, blur_image, blur_view, circle_view, crop_view
+from .config import ConfigError, TrainConfig, load_config, to_dict
+from .trainer import Trainer, TrainResult
+
+REGION_KINDS = ("object", "part", "loose", "background", "pair")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass
+class ClipModelConfig:
+    """Size of the world CLIP (transformers ``CLIPConfig`` fields, simplified)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    mlp_ratio: int = 4
+    projection_dim: int = 128
+    max_text_tokens: int = 32
+    logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
+
+
+@dataclass
+class RegionDataConfig:
+    """How training regions, views and captions are drawn (per scene, per epoch)."""
+
+    regions_per_scene: int = 8
+    kind_weights: dict[str, float] = field(default_factory=lambda: {
+        "object": 0.55, "part": 0.12, "loose": 0.1, "background": 0.08, "pair": 0.15})
+    view_weights: dict[str, float] = field(default_factory=lambda: {"crop": 0.4, "blur": 0.4, "circle": 0.2})
+    jitter: float = 0.08  # max shift of each object-box side, as a fraction of the box size
+    p_colour: float = 0.6  # probability that an object caption names the colour
+    p_size: float = 0.4  # ... the size
+    p_the: float = 0.4  # object captions start with "the" ...
+    p_a: float = 0.3  # ... or "a"; otherwise no article ("red circle")
+    max_scenes: int = 0  # use only the first N train scenes (0 = all); for tests
+
+
+@dataclass
+class EvalConfig:
+    """The quality gate computed during training (see :func:`make_eval_fn`)."""
+
+    split: str = "val"
+    views: list[str] = field(default_factory=lambda: ["crop", "blur"])
+    max_records: int = 0  # 0 = every attribute record of the split
+    compositional: bool = True  # also report accuracy on the held-out colour-shape pairs
+    hard_boxes: int = 4  # per record: part/loose/pair boxes the target's tight box must beat
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``clipground pretrain`` needs; YAML sections ``train``, ``model``, ``data``,
+    ``world`` (a :class:`~clipground.data.synthetic.WorldConfig`, used when the world must be
+    generated) and ``eval``."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        output_dir="runs/pretrain_world_clip", batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50,
+        max_steps=1200, log_every=10, save_every=100, eval_every=200))
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    data: RegionDataConfig = field(default_factory=RegionDataConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_pretrain_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:
+    """YAML file (optional) + ``key=value`` overrides -> validated :class:`PretrainConfig`."""
+    cfg = load_config(PretrainConfig, path, overrides)
+    for name, weights, allowed in (("data.kind_weights", cfg.data.kind_weights, REGION_KINDS),
+                                   ("data.view_weights", cfg.data.view_weights, VIEW_KINDS)):
+        bad = set(weights) - set(allowed)
+        if bad or not any(float(v) > 0 for v in weights.values()):
+            raise ConfigError(f"{name} needs positive weights over {', '.join(allowed)}; got {weights}")
+    if not set(cfg.eval.views) <= set(VIEW_KINDS) or not cfg.eval.views:
+        raise ConfigError(f"eval.views must be a non-empty subset of {VIEW_KINDS}, got {cfg.eval.views}")
+    if cfg.model.image_size % cfg.model.patch_size:
+        raise ConfigError("model.image_size must be a multiple of model.patch_size")
+    try:
+        cfg.world.validate()
+    except ClipgroundError as e:
+        raise ConfigError(f"world: {e}") from None
+    return cfg
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_processor(model_cfg: ClipModelConfig):
+    """World tokenizer + an image processor that squashes any view to ``image_size``²."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from .world_tokenizer import build_world_tokenizer
+
+    tok = build_world_tokenizer(model_max_length=model_cfg.max_text_tokens)
+    # Resize straight to a square (no centre crop): a crop view of a wide box keeps every
+    # object it contains instead of cutting the sides off.
+    s = model_cfg.image_size
+    ip = CLIPImageProcessor(size={"height": s, "width": s}, do_center_crop=False, crop_size={"height": s, "width": s})
+    return CLIPProcessor(image_processor=ip, tokenizer=tok)
+
+
+def build_model(model_cfg: ClipModelConfig, tokenizer) -> torch.nn.Module:
+    """A freshly initialised ``CLIPModel`` whose text config matches ``tokenizer``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    m = model_cfg
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=m.text_hidden, intermediate_size=m.text_hidden * m.mlp_ratio,
+            num_hidden_layers=m.text_layers, num_attention_heads=m.text_heads,
+            max_position_embeddings=m.max_text_tokens, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(
+            hidden_size=m.vision_hidden, intermediate_size=m.vision_hidden * m.mlp_ratio,
+            num_hidden_layers=m.vision_layers, num_attention_heads=m.vision_heads, image_size=m.image_size,
+            patch_size=m.patch_size),
+        projection_dim=m.projection_dim, logit_scale_init_value=m.logit_scale_init)
+    return CLIPModel(cfg)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def image_embeds(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings, exactly as the zero-shot code computes them."""
+    m = _unwrap(model)
+    out = m.vision_model(pixel_values=pixel_values)
+    return torch.nn.functional.normalize(m.visual_projection(out.pooler_output), dim=-1)
+
+
+def text_embeds(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """L2-normalised text embeddings."""
+    m = _unwrap(model)
+    out = m.text_model(input_ids=input_ids, attention_mask=attention_mask)
+    return torch.nn.functional.normalize(m.text_projection(out.pooler_output), dim=-1)
+
+
+# --------------------------------------------------------------------------- regions & captions
+
+Attrs = tuple[str, str, str]  # (shape, colour, size)
+NP = tuple[str, str | None, str | None]  # (shape, colour or None, size or None)
+
+
+def _attrs(o: SceneObject) -> Attrs:
+    return o.shape, o.colour, o.size
+
+
+def _np_text(np_: NP) -> str:
+    shape, colour, size = np_
+    return " ".join(w for w in (size, colour, shape) if w)
+
+
+def _np_matches(np_: NP, a: Attrs) -> bool:
+    return np_[0] == a[0] and np_[1] in (None, a[1]) and np_[2] in (None, a[2])
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _inter_frac(box: Sequence[float], obj: Sequence[float]) -> float:
+    """Fraction of ``obj``'s box area covered by ``box``."""
+    ix = max(0.0, min(box[2], obj[2]) - max(box[0], obj[0]))
+    iy = max(0.0, min(box[3], obj[3]) - max(box[1], obj[1]))
+    area = (obj[2] - obj[0]) * (obj[3] - obj[1])
+    return ix * iy / area if area > 0 else 0.0
+
+
+def _clip_box(b: Sequence[float], w: int, h: int) -> list[float]:
+    x1, y1, x2, y2 = (float(v) for v in b)
+    x1, x2 = max(0.0, min(x1, w - 2.0)), min(float(w), max(x2, 2.0))
+    y1, y2 = max(0.0, min(y1, h - 2.0)), min(float(h), max(y2, 2.0))
+    return [x1, y1, max(x2, x1 + 2.0), max(y2, y1 + 2.0)]
+
+
+@dataclass
+class Region:
+    """A training region: its box, what it contains (``content``) and its caption's claim."""
+
+    box: list[float]
+    kind: str
+    content: tuple  # ("object", attrs) | ("part", attrs) | ("loose", attrs) | ("background",) | ("pair", a, b)
+    claim: tuple  # ("object", np) | ("part", np) | ("loose", np) | ("background",) | ("pair", np1, np2)
+    caption: str
+
+
+def claim_true(claim: tuple, content: tuple) -> bool:
+    """Is a caption's claim true of a region's content? (multi-positive targets)."""
+    if claim[0] != content[0]:
+        return False
+    if claim[0] == "background":
+        return True
+    if claim[0] == "pair":
+        (n1, n2), (a, b) = claim[1:], content[1:]
+        return (_np_matches(n1, a) and _np_matches(n2, b)) or (_np_matches(n1, b) and _np_matches(n2, a))
+    return _np_matches(claim[1], content[1])
+
+
+class RegionSampler:
+    """Draws regions of a scene and their captions (see the module docstring)."""
+
+    def __init__(self, cfg: RegionDataConfig) -> None:
+        self.cfg = cfg
+        self.kinds = [k for k in REGION_KINDS if cfg.kind_weights.get(k, 0) > 0]
+        kw = np.array([cfg.kind_weights[k] for k in self.kinds], float)
+        self.kind_p = kw / kw.sum()
+        self.views = [v for v in VIEW_KINDS if cfg.view_weights.get(v, 0) > 0]
+        vw = np.array([cfg.view_weights[v] for v in self.views], float)
+        self.view_p = vw / vw.sum()
+        self.articles = ["the", "a", ""]
+        aw = np.array([cfg.p_the, cfg.p_a, max(0.0, 1.0 - cfg.p_the - cfg.p_a)], float)
+        self.article_p = aw / aw.sum()
+
+    # ---- captions
+    def _np(self, rng: np.random.Generator, a: Attrs, p_colour: float | None = None) -> NP:
+        pc = self.cfg.p_colour if p_colour is None else p_colour
+        return (a[0], a[1] if rng.random() < pc else None, a[2] if rng.random() < self.cfg.p_size else None)
+
+    def _article(self, rng: np.random.Generator) -> str:
+        return str(self.articles[int(rng.choice(len(self.articles), p=self.article_p))])
+
+    def caption(self, rng: np.random.Generator, kind: str, content: tuple) -> tuple[tuple, str]:
+        """A random true caption of ``content`` -> (claim, text)."""
+        if kind == "object":
+            np_ = self._np(rng, content[1])
+            art = self._article(rng)
+            return ("object", np_), (f"{art} {_np_text(np_)}").strip()
+        if kind == "part":
+            np_ = self._np(rng, content[1], 0.8)
+            return ("part", np_), f"part of a {_np_text(np_)}"
+        if kind == "loose":
+            np_ = self._np(rng, content[1], 0.8)
+            return ("loose", np_), f"background around a {_np_text(np_)}"
+        if kind == "pair":
+            n1, n2 = self._np(rng, content[1], 0.8), self._np(rng, content[2], 0.8)
+            if rng.random() < 0.5:
+                n1, n2 = n2, n1
+            return ("pair", n1, n2), f"a {_np_text(n1)} and a {_np_text(n2)}"
+        return ("background",), "background"
+
+    # ---- boxes
+    def object_box(self, rng: np.random.Generator, o: SceneObject, w: int, h: int) -> list[float]:
+        x1, y1, x2, y2 = o.box
+        bw, bh = x2 - x1, y2 - y1
+        j = self.cfg.jitter
+        d = rng.uniform(-j, j, 4) * np.array([bw, bh, bw, bh])
+        return _clip_box([x1 + d[0], y1 + d[1], x2 + d[2], y2 + d[3]], w, h)
+
+    def part_box(self, rng: np.random.Generator, o: SceneObject, objs: list[SceneObject], w: int, h: int
+                 ) -> list[float] | None:
+        x1, y1, x2, y2 = o.box
+        bw, bh = x2 - x1, y2 - y1
+        for _ in range(20):
+            fw, fh = rng.uniform(0.25, 0.65), rng.uniform(0.25, 0.65)
+            cx, cy = x1 + rng.uniform(0, 1) * bw, y1 + rng.uniform(0, 1) * bh
+            b = _clip_box([cx - fw * bw / 2, cy - fh * bh / 2, cx + fw * bw / 2, cy + fh * bh / 2], w, h)
+            if (_inter_frac(b, o.box) >= 0.1 and all(_iou(b, q.box) < 0.4 for q in objs)
+                    and all(_inter_frac(b, q.box) < 0.05 for q in objs if q is not o)):
+                return b
+        return None
+
+    def loose_box(self, rng: np.random.Generator, o: SceneObject, objs: list[SceneObject], w: int, h: int
+                  ) -> list[float] | None:
+        x1, y1, x2, y2 = o.box
+        bw, bh = x2 - x1, y2 - y1
+        for _ in range(20):
+            s = rng.uniform(1.8, 3.5)
+            nw, nh = bw * s * rng.uniform(0.8, 1.25), bh * s * rng.uniform(0.8, 1.25)
+            ox, oy = rng.uniform(0, max(nw - bw, 0)), rng.uniform(0, max(nh - bh, 0))
+            b = _clip_box([x1 - ox, y1 - oy, x1 - ox + nw, y1 - oy + nh], w, h)
+            if (_inter_frac(b, o.box) > 0.95 and _iou(b, o.box) < 0.4
+                    and all(_inter_frac(b, q.box) < 0.05 for q in objs if q is not o)):
+                return b
+        return None
+
+    def background_box(self, rng: np.random.Generator, objs: list[SceneObject], w: int, h: int) -> list[float] | None:
+        for _ in range(20):
+            bw, bh = rng.uniform(0.08, 0.4) * w, rng.uniform(0.08, 0.4) * h
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            b = [x, y, x + bw, y + bh]
+            if all(_inter_frac(b, q.box) < 0.03 for q in objs):
+                return b
+        return None
+
+    def pair_box(self, rng: np.random.Generator, objs: list[SceneObject], first: SceneObject | None = None
+                 ) -> tuple[list[float], SceneObject, SceneObject] | None:
+        if len(objs) < 2:
+            return None
+        for _ in range(10):
+            i, j = rng.choice(len(objs), 2, replace=False)
+            a, b = (first, objs[j] if objs[j] is not first else objs[i]) if first is not None else (objs[i], objs[j])
+            u = [min(a.box[0], b.box[0]), min(a.box[1], b.box[1]), max(a.box[2], b.box[2]), max(a.box[3], b.box[3])]
+            if all(_inter_frac(u, q.box) < 0.3 for q in objs if q is not a and q is not b):
+                return u, a, b
+        return None
+
+    def sample(self, rng: np.random.Generator, objs: list[SceneObject], w: int, h: int, n: int) -> list[Region]:
+        """``n`` regions of one scene (objects first visited in random order)."""
+        out: list[Region] = []
+        order = list(rng.permutation(len(objs)))
+        tries = 0
+        while len(out) < n and tries < 4 * n:
+            tries += 1
+            kind = self.kinds[int(rng.choice(len(self.kinds), p=self.kind_p))]
+            o = objs[order[len(out) % len(order)]] if objs else None
+            box: list[float] | None
+            if kind == "object" and o is not None:
+                box, content = self.object_box(rng, o, w, h), ("object", _attrs(o))
+            elif kind == "part" and o is not None:
+                box, content = self.part_box(rng, o, objs, w, h), ("part", _attrs(o))
+            elif kind == "loose" and o is not None:
+                box, content = self.loose_box(rng, o, objs, w, h), ("loose", _attrs(o))
+            elif kind == "pair":
+                r = self.pair_box(rng, objs)
+                box, content = (r[0], ("pair", _attrs(r[1]), _attrs(r[2]))) if r else (None, ())
+            elif kind == "background":
+                box, content = self.background_box(rng, objs, w, h), ("background",)
+            else:
+                continue
+            if box is None:
+                continue
+            claim, text = self.caption(rng, kind, content)
+            out.append(Region(box, kind, content, claim, text))
+        return out
+
+    def view(self, rng: np.random.Generator) -> str:
+        return str(self.views[int(rng.choice(len(self.views), p=self.view_p))])
+
+
+def render_view(kind: str, image: Image.Image, box: Sequence[float], blurred: Image.Image | None) -> Image.Image:
+    """One :mod:`clipground.imageops` view of ``box`` (reusing a precomputed blur)."""
+    if kind == "crop":
+        return crop_view(image, box)
+    if kind == "blur":
+        return blur_view(image, box, blurred=blurred)
+    return circle_view(image, box)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class WorldRegionDataset(torch.utils.data.Dataset):
+    """Train-split scenes; item ``i`` of epoch ``e`` is a fixed random set of rendered regions.
+
+    Randomness comes from ``(seed, epoch, i)`` only, so any epoch can be replayed exactly
+    (what exact resume needs). Scene images are decoded once and kept in memory.
+    """
+
+    def __init__(self, world_dir: str | os.PathLike, cfg: RegionDataConfig, seed: int, split: str = "train") -> None:
+        self.world = Path(world_dir)
+        self.cfg, self.seed, self.epoch = cfg, seed, 0
+        coco = json.loads((self.world / f"instances_{split}.json").read_text(encoding="utf-8"))
+        objects = load_scene_objects(self.world, split)
+        images = sorted(coco["images"], key=lambda im: im["id"])
+        if cfg.max_scenes > 0:
+            images = images[: cfg.max_scenes]
+        self.files = [self.world / im["file_name"] for im in images]
+        self.objects = [objects[str(im["id"])] for im in images]
+        self._images: list[Image.Image | None] = [None] * len(images)
+        self.sampler = RegionSampler(cfg)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def image(self, i: int) -> Image.Image:
+        if self._images[i] is None:
+            with Image.open(self.files[i]) as im:
+                self._images[i] = im.convert("RGB")
+        return self._images[i]  # type: ignore[return-value]
+
+    def __getitem__(self, i: int) -> list[tuple[Image.Image, Region]]:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        img = self.image(i)
+        w, h = img.size
+        regions = self.sampler.sample(rng, self.objects[i], w, h, self.cfg.regions_per_scene)
+        kinds = [self.sampler.view(rng) for _ in regions]
+        blurred = blur_image(img) if "blur" in kinds else None
+        return [(render_view(k, img, r.box, blurred), r) for k, r in zip(kinds, regions)]
+
+
+class RegionCollator:
+    """Batch of scenes -> pixel values, tokens and the multi-positive target matrix."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, items: list[list[tuple[Image.Image, Region]]]) -> dict[str, torch.Tensor]:
+        flat = [x for item in items for x in item]
+        images = [im for im, _ in flat]
+        regions = [r for _, r in flat]
+        pix = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        tok = self.processor.tokenizer([r.caption for r in regions], padding=True, return_tensors="pt")
+        # targets[i, j]: caption j is true of region i.
+        claims = {}
+        for r in regions:
+            claims.setdefault(r.claim, len(claims))
+        contents = {}
+        for r in regions:
+            contents.setdefault(r.content, len(contents))
+        table = torch.zeros(len(contents), len(claims), dtype=torch.bool)
+        for c, ci in contents.items():
+            for cl, cj in claims.items():
+                table[ci, cj] = claim_true(cl, c)
+        ri = torch.tensor([contents[r.content] for r in regions])
+        cj = torch.tensor([claims[r.claim] for r in regions])
+        targets = table[ri][:, cj]
+        return {"pixel_values": pix, "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
+                "targets": targets}
+
+
+def multi_positive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Symmetric contrastive loss whose targets are uniform over every true pair.
+
+    ``logits[i, j]`` scores region ``i`` against caption ``j``; ``targets[i, j]`` says
+    caption ``j`` is true of region ``i`` (the diagonal always is).
+    """
+    t = targets.float()
+    p_img = t / t.sum(1, keepdim=True)
+    p_txt = t.T / t.T.sum(1, keepdim=True)
+    li = -(p_img * torch.log_softmax(logits, 1)).sum(1).mean()
+    lt = -(p_txt * torch.log_softmax(logits.T, 1)).sum(1).mean()
+    return (li + lt) / 2
+
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """CLIP forward (through the DDP wrapper) + multi-positive loss."""
+    with torch.no_grad():
+        _unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"])
+    logits = out.logits_per_image.float()
+    targets = batch["targets"].to(logits.device)
+    loss = multi_positive_loss(logits, targets)
+    with torch.no_grad():
+        top = logits.argmax(1)
+        acc = targets[torch.arange(len(top), device=top.device), top].float().mean()
+        scale = _unwrap(model).logit_scale.detach().exp()
+    return loss, {"r2t_acc": float(acc), "logit_scale": float(scale)}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class _EvalItem:
+    image: Path
+    boxes: list[list[float]]
+    target: int
+    expression: str
+    subject: str
+    hard: list[list[float]]
+
+
+def _eval_items(world: Path, split: str, max_records: int, hard_boxes: int, seed: int) -> list[_EvalItem]:
+    from ..data.jsonl import read_jsonl
+
+    path = world / f"{split}.jsonl"
+    if not path.is_file():
+        return []
+    objects = load_scene_objects(world, split)
+    wcfg = load_world_config(world)
+    size = wcfg.image_size if wcfg is not None else 128
+    sampler = RegionSampler(RegionDataConfig())
+    out = []
+    for k, r in enumerate(x for x in read_jsonl(path) if x.meta.get("type") == "attribute"):
+        objs = objects[str(r.image_id)]
+        t = int(r.meta["target"])
+        rng = np.random.default_rng([seed, 999, k])
+        hard: list[list[float]] = []
+        o = objs[t]
+        for _ in range(hard_boxes * 3):
+            if len(hard) >= hard_boxes:
+                break
+            kind = ("part", "loose", "pair")[len(hard) % 3]
+            if kind == "part":
+                b = sampler.part_box(rng, o, objs, size, size)
+            elif kind == "loose":
+                b = sampler.loose_box(rng, o, objs, size, size)
+            else:
+                pb = sampler.pair_box(rng, objs, first=o)
+                b = pb[0] if pb else None
+            if b is not None:
+                hard.append(b)
+        out.append(_EvalItem(Path(r.image), [list(q.box) for q in objs], t, r.expression,
+                             str(r.meta.get("subject") or r.expression), hard))
+        if max_records and len(out) >= max_records:
+            break
+    return out
+
+
+def _render_many(image: Image.Image, boxes: list[list[float]], views: Sequence[str]) -> list[Image.Image]:
+    blurred = blur_image(image) if "blur" in views else None
+    return [render_view(v, image, b, blurred) for v in views for b in boxes]
+
+
+@torch.no_grad()
+def evaluate_grounding(model: torch.nn.Module, processor, items: list[_EvalItem], views: Sequence[str],
+                       batch_size: int = 256) -> dict[str, float]:
+    """Zero-shot box choice among ground-truth boxes, as the lead's scorer does it.
+
+    For each record: render ``views`` of every ground-truth object box, take the mean
+    cosine between their embeddings and the text, pick the argmax. Reports accuracy with
+    the full expression (``acc``) and with the bare noun phrase (``acc_np``), and how often
+    the target's tight box beats hard boxes around it (``tight_beats_hard``).
+    """
+    if not items:
+        return {}
+    model = _unwrap(model)
+    device = next(model.parameters()).device
+    imgs: list[Image.Image] = []
+    spans = []
+    for it in items:
+        with Image.open(it.image) as im:
+            image = im.convert("RGB")
+        boxes = it.boxes + it.hard
+        start = len(imgs)
+        imgs.extend(_render_many(image, boxes, views))
+        spans.append((start, len(boxes)))
+    emb = []
+    for i in range(0, len(imgs), batch_size):
+        pv = processor.image_processor(images=imgs[i:i + batch_size], return_tensors="pt")["pixel_values"]
+        emb.append(image_embeds(model, pv.to(device)))
+    E = torch.cat(emb)
+    texts = sorted({t for it in items for t in (it.expression, it.subject)})
+    tok = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    T = text_embeds(model, tok["input_ids"].to(device), tok["attention_mask"].to(device))
+    tindex = {t: i for i, t in enumerate(texts)}
+    nv = len(views)
+    correct = correct_np = beats = beats_n = 0
+    for it, (start, nb) in zip(items, spans):
+        e = E[start:start + nv * nb].reshape(nv, nb, -1)
+        s_expr = (e @ T[tindex[it.expression]]).mean(0)
+        s_np = (e @ T[tindex[it.subject]]).mean(0)
+        ng = len(it.boxes)
+        correct += int(s_expr[:ng].argmax()) == it.target
+        correct_np += int(s_np[:ng].argmax()) == it.target
+        if nb > ng:
+            beats += int((s_expr[it.target] > s_expr[ng:]).sum())
+            beats_n += nb - ng
+    n = len(items)
+    out = {"acc": correct / n, "acc_np": correct_np / n, "n": float(n)}
+    if beats_n:
+        out["tight_beats_hard"] = beats / beats_n
+    return out
+
+
+def make_eval_fn(world: Path, processor, cfg: EvalConfig, seed: int):
+    """``eval_fn(model)`` for the trainer: the quality gate on ``cfg.split`` (and compositional)."""
+    main = _eval_items(world, cfg.split, cfg.max_records, cfg.hard_boxes, seed)
+    comp = _eval_items(world, "compositional", cfg.max_records, 0, seed) if cfg.compositional else []
+    if not main:
+        raise ConfigError(f"world {world} has no attribute records in split {cfg.split!r} to evaluate on")
+
+    def eval_fn(model: torch.nn.Module) -> dict[str, float]:
+        res = evaluate_grounding(model, processor, main, cfg.views)
+        out = {f"{cfg.split}_{k}": v for k, v in res.items() if k != "n"}
+        if comp:
+            c = evaluate_grounding(model, processor, comp, cfg.views)
+            out.update({f"compositional_{k}": v for k, v in c.items() if k in ("acc", "acc_np")})
+        return out
+
+    return eval_fn
+
+
+# --------------------------------------------------------------------------- run
+
+
+def save_checkpoint_dir(model: torch.nn.Module, processor, out: str | os.PathLike,
+                        extra_files: dict[str, bytes] | None = None) -> Path:
+    """``save_pretrained`` model + processor into ``out`` atomically (temp dir, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    old = out.parent / f".old-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json for AutoImageProcessor too
+    for name, data in (extra_files or {}).items():
+        (tmp / name).write_bytes(data)
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # safetensors may create 0600 files; shipped assets must be readable
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _recipe_md(cfg: PretrainConfig, command: str, world: Path, result: TrainResult, n_params: int) -> str:
+    import yaml
+
+    wcfg = load_world_config(world)
+    world_json = json.dumps(wcfg.to_json() if wcfg else None)
+
+    ev = result.last_eval
+    lines = [
+        "# world-clip: how this checkpoint was made",
+        "",
+        "A small CLIP (transformers `CLIPModel`) pretrained from scratch by `clipground pretrain` on",
+        "region-caption pairs of the synthetic world's **train** split (see",
+        "`clipground.training.pretrain`). Load it with `CLIPModel.from_pretrained(dir)` and",
+        "`CLIPProcessor.from_pretrained(dir)`, or as the bundled backbone `clipground/world-clip`.",
+        "",
+        "## Command",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"- seed: {cfg.train.seed}",
+        f"- world: `{world}`, world config: `{world_json}`",
+        f"- parameters: {n_params:,}",
+        f"- optimiser steps: {result.step} x {cfg.train.batch_size} scenes x {cfg.data.regions_per_scene} regions",
+        f"- wall time: {result.wall_time_s / 60:.1f} min on {platform.machine()} "
+        f"({os.cpu_count()} CPU threads, torch {torch.__version__})",
+        "",
+        "## Validation metrics (final)",
+        "",
+        f"Attribute expressions of the world's `{cfg.eval.split}` split; box = argmax over the scene's "
+        f"ground-truth boxes of the mean cosine over views {list(cfg.eval.views)}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for k, v in sorted(ev.items()):
+        lines.append(f"| {k} | {v:.4f} |")
+    lines += ["", "`*_acc`: full expression; `*_acc_np`: bare noun phrase (e.g. `red circle`);",
+              "`tight_beats_hard`: fraction of (target tight box, hard box) pairs where the tight box",
+              "scores higher (hard = part of the object / loose box around it / box around it and a neighbour).",
+              "", "## Full config", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def pretrain(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: PretrainConfig, resume: bool = False,
+             command: str = "", progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
+    """Generate the world if needed, pretrain, and ``save_pretrained`` to ``out_dir``.
+
+    Training state (checkpoints, ``metrics.jsonl``, learning curve) lives in
+    ``cfg.train.output_dir``; ``out_dir`` receives only the final model, processor,
+    ``RECIPE.md``, ``recipe.json`` and the learning curve. ``stop_after_steps`` simulates a
+    killed run (tests); nothing is saved to ``out_dir`` then.
+    """
+    from accelerate.utils import set_seed
+
+    world = Path(world_dir)
+    if not (world / "world.json").is_file():
+        ensure_world(world, cfg.world, progress=progress)
+    if not (world / "instances_train.json").is_file():
+        raise ConfigError(f"{world} is not a complete synthetic world (no instances_train.json)")
+    set_seed(cfg.train.seed)
+    processor = build_processor(cfg.model)
+    model = build_model(cfg.model, processor.tokenizer)
+    dataset = WorldRegionDataset(world, cfg.data, cfg.train.seed)
+    eval_fn = make_eval_fn(world, processor, cfg.eval, cfg.train.seed)
+    trainer = Trainer(cfg.train, model, dataset, RegionCollator(processor), loss_fn, eval_fn=eval_fn,
+                      extra_state={"pretrain_config": to_dict(cfg)})
+    t0 = time.time()
+    result = trainer.fit(resume=resume, stop_after_steps=stop_after_steps)
+    result.wall_time_s = time.time() - t0
+    if not result.finished:
+        return result
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        final = trainer.unwrapped_model()
+        n_params = sum(p.numel() for p in final.parameters())
+        run_dir = Path(cfg.train.output_dir)
+        extra = {
+            "RECIPE.md": _recipe_md(cfg, command, world, result, n_params).encode(),
+            "recipe.json": json.dumps({"command": command, "seed": cfg.train.seed, "world_dir": str(world),
+                                       "world": (load_world_config(world) or cfg.world).to_json(),
+                                       "config": to_dict(cfg),
+                                       "wall_time_s": result.wall_time_s, "steps": result.step,
+                                       "params": n_params, "metrics": result.last_eval}, indent=1).encode(),
+        }
+        curve = run_dir / "learning_curve.png"
+        if curve.is_file():
+            extra["learning_curve.png"] = curve.read_bytes()
+        save_checkpoint_dir(final, processor, out_dir, extra)
+    PartialState().wait_for_everyone()
+    return result

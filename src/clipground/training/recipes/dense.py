@@ -1,0 +1,242 @@
+"""Recipe of ``locator``: map loss + box loss on cached frozen CLIP features.
+
+``clipground train --method locator --train WORLD/train.jsonl --val WORLD/val.jsonl
+--backbone clipground/world-clip --out runs/locator [--config configs/locator.yaml]``.
+
+Map targets are the target box rasterized with exact area coverage (each cell's target is
+the fraction of it inside the box), at the locator's grid and at the refined resolution.
+When instance masks are available (``masks: auto`` finds the COCO ``instances_{split}.json``
+the synthetic world writes next to ``{split}.jsonl``; or give a path), the record's mask
+(the instance whose box matches the record's box) replaces the box raster. Loss:
+``map * (BCE + Dice)(refined) + map * coarse * (BCE + Dice)(coarse) + l1 * SmoothL1 + giou * GIoU``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...backbone import ClipBackbone
+from ...data.records import GroundingRecord
+from ...errors import BadAnnotationError, ClipgroundError
+from ...methods.dense import Locator, LocatorConfig
+from ...methods.regression import box_losses, patch_grid
+from ..config import TrainConfig, load_config
+from ..trainer import Trainer
+from . import TrainArgs, register_recipe
+from .regression import (
+    Batch,
+    CachedGroundingDataset,
+    FeatureCache,
+    evaluate_dataset,
+    load_backbone,
+    prepare_data,
+    save_final,
+)
+
+
+def box_coverage(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Fraction of each cell of an ``h x w`` grid over ``[0, 1]^2`` covered by each box: ``(B, h, w)``."""
+    ex = torch.linspace(0, 1, w + 1, device=boxes.device, dtype=boxes.dtype)
+    ey = torch.linspace(0, 1, h + 1, device=boxes.device, dtype=boxes.dtype)
+    x1, y1, x2, y2 = (boxes[:, i : i + 1] for i in range(4))
+    cx = (torch.minimum(x2, ex[1:]) - torch.maximum(x1, ex[:-1])).clamp(min=0) * w
+    cy = (torch.minimum(y2, ey[1:]) - torch.maximum(y1, ey[:-1])).clamp(min=0) * h
+    return cy[:, :, None] * cx[:, None, :]
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Mean soft Dice loss over the batch of ``(B, H, W)`` maps."""
+    inter = (prob * target).flatten(1).sum(1)
+    denom = prob.flatten(1).sum(1) + target.flatten(1).sum(1)
+    return (1 - (2 * inter + eps) / (denom + eps)).mean()
+
+
+def map_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + Dice of map logits against soft targets."""
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits.sigmoid(), target)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _decode_segmentation(seg: Any, h: int, w: int) -> np.ndarray | None:
+    """COCO segmentation (uncompressed RLE or polygons) -> bool mask; ``None`` if unsupported."""
+    if isinstance(seg, dict) and isinstance(seg.get("counts"), list):
+        from ...data.synthetic import rle_decode
+
+        return rle_decode(seg)
+    if isinstance(seg, list) and seg:
+        m = np.zeros((h, w), np.uint8)
+        polys = [np.asarray(p, dtype=np.float64).reshape(-1, 2).round().astype(np.int32) for p in seg if len(p) >= 6]
+        cv2.fillPoly(m, polys, 1)
+        return m.astype(bool)
+    return None
+
+
+def load_instance_masks(records: Sequence[GroundingRecord], instances: str | Path) -> list[np.ndarray | None]:
+    """Per record, the mask of the instance in its image whose box matches its box (IoU >= 0.9).
+
+    ``instances`` is a COCO instances JSON whose ``file_name`` s are relative to its folder
+    (as the synthetic world writes them). Records without a match get ``None``.
+    """
+    from ...boxes import iou
+
+    path = Path(instances)
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadAnnotationError(f"cannot read instance masks {path}: {e}") from None
+    root = path.parent
+    by_file = {str((root / im["file_name"]).resolve()): im for im in coco.get("images", [])}
+    anns: dict[Any, list[dict]] = {}
+    for a in coco.get("annotations", []):
+        anns.setdefault(a["image_id"], []).append(a)
+    out: list[np.ndarray | None] = []
+    for r in records:
+        im = by_file.get(str(Path(r.image).resolve()))
+        cands = anns.get(im["id"], []) if im else []
+        mask = None
+        if cands:
+            bx = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                               for a in cands], dtype=torch.float32)
+            ious = iou(torch.tensor([r.box], dtype=torch.float32), bx)[0]
+            k = int(ious.argmax())
+            if float(ious[k]) >= 0.9 and cands[k].get("segmentation") is not None:
+                mask = _decode_segmentation(cands[k]["segmentation"], im["height"], im["width"])
+        out.append(mask)
+    return out
+
+
+def mask_to_input(mask: np.ndarray, fraction: float, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Warp an image-pixel mask into model-input coordinates (padded square, crop) at ``out_hw``."""
+    h, w = mask.shape
+    side = max(h, w)
+    sq = np.zeros((side, side), np.float32)
+    sq[:h, :w] = mask
+    m = side * (1 - fraction) / 2
+    lo, hi = int(round(m)), int(round(side - m))
+    sq = sq[lo:hi, lo:hi]
+    return torch.from_numpy(cv2.resize(sq, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_AREA)).half()
+
+
+def resolve_masks(spec: str, path: str, split: str, records: Sequence[GroundingRecord], cache: FeatureCache,
+                  out_hw: tuple[int, int]) -> list[torch.Tensor | None] | None:
+    """Target masks for ``records`` per the ``masks`` option (``auto``, ``none`` or a JSON path)."""
+    if spec == "none" or not records:
+        return None
+    if spec == "auto":
+        p = Path(path)
+        folder = p if p.is_dir() else p.parent
+        cand = folder / f"instances_{split}.json"
+        if not cand.is_file():
+            return None
+        spec = str(cand)
+    raw = load_instance_masks(records, spec)
+    if all(m is None for m in raw):
+        return None
+    out: list[torch.Tensor | None] = []
+    for r, m in zip(records, raw):
+        if m is not None:
+            out.append(mask_to_input(m, cache.fraction, out_hw))
+            continue
+        # No instance matched this record: its box raster stands in for the mask.
+        w, h = (int(v) for v in cache.sizes[cache.image_index[r.image]])
+        side = max(w, h)
+        norm = (torch.tensor([r.box]) - side * (1 - cache.fraction) / 2) / (side * cache.fraction)
+        out.append(box_coverage(norm, *out_hw)[0].half())
+    return out
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+@dataclass
+class LocatorLossConfig:
+    """Loss weights: map (BCE + Dice; ``coarse`` scales the low-resolution term) and box terms."""
+
+    map: float = 1.0
+    coarse: float = 0.5
+    l1: float = 5.0
+    giou: float = 2.0
+
+
+@dataclass
+class LocatorRecipeConfig:
+    """Everything ``clipground train --method locator`` reads from YAML / overrides.
+
+    ``masks``: ``auto`` (world instance masks when present), ``none``, or a COCO JSON path.
+    """
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=64, lr=5e-4,
+                                                                   warmup_steps=200, weight_decay=0.05,
+                                                                   save_every=1000, eval_every=500, log_every=20))
+    model: LocatorConfig = field(default_factory=LocatorConfig)
+    loss: LocatorLossConfig = field(default_factory=LocatorLossConfig)
+    eval_limit: int = 2000
+    masks: str = "auto"
+
+
+def locator_loss(w: LocatorLossConfig) -> Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]:
+    """The trainer's ``loss_fn`` for a :class:`~clipground.methods.dense.LocatorNet`."""
+
+    def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(*batch.inputs())
+        (h, wd), (hh, ww) = out.coarse.shape[-2:], out.refined.shape[-2:]
+        if batch.masks is not None:
+            fine = batch.masks.to(out.refined.dtype)
+            coarse = F.adaptive_avg_pool2d(fine[:, None], (h, wd))[:, 0]
+        else:
+            fine, coarse = box_coverage(batch.boxes, hh, ww), box_coverage(batch.boxes, h, wd)
+        m_fine, m_coarse = map_loss(out.refined, fine), map_loss(out.coarse, coarse)
+        l1, giou = box_losses(out.boxes.float(), batch.boxes)
+        loss = w.map * (m_fine + w.coarse * m_coarse) + w.l1 * l1 + w.giou * giou
+        return loss, {"map": m_fine.detach(), "map_coarse": m_coarse.detach(), "l1": l1.detach(), "giou": giou.detach()}
+
+    return loss_fn
+
+
+def train_locator(cfg: LocatorRecipeConfig, backbone: ClipBackbone, train: list[GroundingRecord],
+                  val: list[GroundingRecord], cache: FeatureCache, masks: list[torch.Tensor | None] | None = None,
+                  resume: bool = False, stop_after_steps: int | None = None) -> tuple[Locator, Any]:
+    """Train a :class:`Locator` on cached features; returns the method and the trainer result."""
+    torch.manual_seed(cfg.train.seed)
+    method = Locator(backbone, cfg.model)
+    ds = CachedGroundingDataset(cache, train, cfg.model.prompt, masks=masks)
+    vds = CachedGroundingDataset(cache, val, cfg.model.prompt) if val else None
+
+    def eval_fn(net: torch.nn.Module) -> dict[str, float]:
+        return evaluate_dataset(lambda b: net(*b.inputs()).boxes, vds, next(net.parameters()).device)
+
+    trainer = Trainer(cfg.train, method.net, ds, ds.collate, locator_loss(cfg.loss),
+                      eval_fn=eval_fn if vds is not None else None,
+                      extra_state={"method": method.name, "config": method.config.to_dict()})
+    result = trainer.fit(resume=resume, stop_after_steps=stop_after_steps)
+    method.eval()
+    return method, result
+
+
+@register_recipe("locator")
+def run(args: TrainArgs) -> Path:
+    """``clipground train --method locator``: cache features, train, save ``out/final``."""
+    cfg = load_config(LocatorRecipeConfig, args.config, args.overrides)
+    cfg.train.output_dir = args.out
+    backbone = load_backbone(args)
+    train, val, cache = prepare_data(args, backbone, cfg.model.prompt, cfg.eval_limit, cfg.train.seed,
+                                     progress=cfg.train.progress)
+    if len(train) < cfg.train.batch_size and cfg.train.drop_last:
+        raise ClipgroundError(f"only {len(train)} training records for batch_size {cfg.train.batch_size}; "
+                              f"lower batch_size (e.g. batch_size={max(1, len(train))})")
+    gh, gw = patch_grid(backbone)
+    masks = resolve_masks(cfg.masks, args.train, "train", train, cache, (gh * cfg.model.upsample, gw * cfg.model.upsample))
+    method, result = train_locator(cfg, backbone, train, val, cache, masks=masks, resume=args.resume)
+    return save_final(method, args.out, result)

@@ -1,0 +1,166 @@
+"""Tests of the fusion regressor: geometry, training on cached features, save/load, the recipe/CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from clipground import Grounder
+from clipground.backbone import ClipBackbone
+from clipground.data.jsonl import write_jsonl
+from clipground.data.records import GroundingRecord
+from clipground.heatmaps import InputGeometry, crop_fraction, pad_to_square, square_geometry
+from clipground.methods.regression import FusionRegressor, cxcywh_to_xyxy
+from clipground.training.recipes import TrainArgs, get_recipe
+from clipground.training.recipes.regression import (
+    CachedGroundingDataset,
+    FusionRecipeConfig,
+    build_feature_cache,
+    train_fusion_regressor,
+)
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
+
+
+def make_scenes(root: Path, n: int = 8, size: tuple[int, int] = (48, 36)) -> list[GroundingRecord]:
+    """Coloured rectangles on grey, one record per rectangle (non-square images on purpose)."""
+    g = torch.Generator().manual_seed(0)
+    recs = []
+    for i in range(n):
+        img = Image.new("RGB", size, (128, 128, 128))
+        d = ImageDraw.Draw(img)
+        for j, (name, rgb) in enumerate(COLOURS.items()):
+            w, h = (int(v) for v in torch.randint(6, 14, (2,), generator=g))
+            x = 2 + j * 15 + int(torch.randint(0, 2, (1,), generator=g))
+            y = int(torch.randint(0, size[1] - h, (1,), generator=g))
+            d.rectangle([x, y, x + w - 1, y + h - 1], fill=rgb)
+            recs.append(GroundingRecord(str(root / f"{i}.png"), f"the {name} box", [x, y, x + w, y + h],
+                                        image_id=str(i), split="train"))
+        img.save(root / f"{i}.png")
+    return recs
+
+
+def test_geometry_round_trip_and_crop_fraction() -> None:
+    img = Image.new("RGB", (60, 30), (255, 0, 0))
+    sq, geom = pad_to_square(img, (0.0, 0.0, 0.0))
+    assert sq.size == (60, 60) and sq.getpixel((10, 40)) == (0, 0, 0) and sq.getpixel((10, 10)) == (255, 0, 0)
+    box = torch.tensor([[6.0, 3.0, 30.0, 27.0]])
+    assert torch.allclose(geom.to_pixels(geom.to_normalized(box)), box)
+    assert torch.allclose(geom.to_normalized(box), box / 60)
+    # A processor that resizes to 256 and crops 224 only sees the centre 7/8 of the square.
+    g2 = square_geometry(60, 30, fraction=224 / 256)
+    assert g2.to_pixels(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), clip=False).tolist()[0] == pytest.approx(
+        [60 / 16, 60 / 16, 60 - 60 / 16, 60 - 60 / 16])
+
+    class P:  # minimal processor stand-in
+        do_center_crop, crop_size, size = True, {"height": 224}, {"shortest_edge": 256}
+
+    assert crop_fraction(P()) == pytest.approx(224 / 256)
+    # grid_to_image samples the model grid at each pixel's position in the padded square.
+    grid = torch.zeros(2, 2)
+    grid[1, 0] = 1.0  # bottom-left quarter of the square = padding for a 60x30 image
+    heat = InputGeometry(60.0, 60.0, 0.0, 0.0, 60, 30).grid_to_image(grid)
+    assert heat.shape == (30, 60) and float(heat.max()) < 0.5
+
+
+def test_box_parameterization_orders_corners() -> None:
+    b = cxcywh_to_xyxy(torch.randn(100, 4))
+    assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+    b = cxcywh_to_xyxy(torch.randn(100, 4) * 30)  # saturated: may collapse, never invert
+    assert (b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def small_cfg() -> FusionRecipeConfig:
+    cfg = FusionRecipeConfig()
+    cfg.model.dim, cfg.model.layers, cfg.model.heads, cfg.model.head_hidden, cfg.model.dropout = 32, 1, 2, 32, 0.0
+    t = cfg.train
+    t.max_steps, t.batch_size, t.lr, t.warmup_steps, t.log_every, t.save_every, t.eval_every = 100, 8, 1e-2, 0, 1, 0, 0
+    t.progress = False
+    return cfg
+
+
+def test_train_loss_decreases_and_save_load_round_trip(tmp_path: Path, tiny_clip_dir: Path,
+                                                       small_cfg: FusionRecipeConfig) -> None:
+    recs = make_scenes(tmp_path)
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)
+    cache = build_feature_cache(bb, recs, cache_dir=tmp_path / "cache", progress=False)
+    assert cache.patches.shape[0] == 8 and len(cache.texts) == 3
+    # The cache is reused, not recomputed: a second build loads identical tensors from disk.
+    again = build_feature_cache(bb, recs, cache_dir=tmp_path / "cache", progress=False)
+    assert torch.equal(again.patches, cache.patches)
+    # Targets live in the padded square: a 48x36 image has side 48.
+    ds = CachedGroundingDataset(cache, recs)
+    assert torch.allclose(ds.boxes[0], torch.tensor(recs[0].box) / 48)
+
+    small_cfg.train.output_dir = str(tmp_path / "run")
+    method, result = train_fusion_regressor(small_cfg, bb, recs, recs, cache)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 100
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    assert result.last_eval["miou"] > 0.0
+
+    g = Grounder(method)
+    g.save_pretrained(tmp_path / "saved")
+    g2 = Grounder.from_pretrained(tmp_path / "saved")
+    assert isinstance(g2.method, FusionRegressor)
+    phrases = ["the red box", "the blue box", "a green thing"]
+    for img in (recs[0].image, recs[5].image):
+        a = g.set_image(img).predict_batch(phrases)
+        b = g2.set_image(img).predict_batch(phrases)
+        for pa, pb in zip(a, b):
+            assert max(abs(x - y) for x, y in zip(pa.box, pb.box)) < 1e-6
+            assert abs(pa.score - pb.score) < 1e-6
+            w, h = pa.image_size
+            assert 0 <= pa.box[0] < pa.box[2] <= w and 0 <= pa.box[1] < pa.box[3] <= h
+    # The saved weights are the trained ones (not a fresh initialization).
+    fresh = FusionRegressor(bb, method.config)
+    diff = max((p - q).abs().max().item() for p, q in zip(fresh.fusion.parameters(), g2.method.fusion.parameters()))
+    assert diff > 1e-3
+
+
+def test_recipe_through_cli(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from clipground.cli.main import app
+
+    recs = make_scenes(tmp_path, n=4)
+    write_jsonl(recs, tmp_path / "train.jsonl", relative_to=tmp_path)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train:\n  max_steps: 6\n  batch_size: 4\n  progress: false\n  eval_every: 0\nmodel:\n"
+                   "  dim: 16\n  layers: 1\n  heads: 2\n  head_hidden: 16\n")
+    res = CliRunner().invoke(app, ["train", "--method", "fusion-regressor", "--train", str(tmp_path),
+                                   "--val", str(tmp_path / "train.jsonl"), "--backbone", str(tiny_clip_dir),
+                                   "--out", str(tmp_path / "run"), "--config", str(cfg), "lr=1e-3"])
+    assert res.exit_code == 0, res.output
+    final = tmp_path / "run" / "final"
+    assert (final / "grounder.json").is_file() and (tmp_path / "run" / "learning_curve.png").is_file()
+    p = Grounder.from_pretrained(final)(recs[0].image, "the red box")
+    assert len(p.box) == 4 and not p.fallback
+    # Features were cached once, under OUT/feature_cache.
+    assert list((tmp_path / "run" / "feature_cache").glob("img-*.safetensors"))
+
+
+def test_recipe_rejects_bad_override(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    from clipground.errors import ClipgroundError
+
+    recs = make_scenes(tmp_path, n=2)
+    write_jsonl(recs, tmp_path / "train.jsonl", relative_to=tmp_path)
+    args = TrainArgs(method="fusion-regressor", train=str(tmp_path / "train.jsonl"), backbone=str(tiny_clip_dir),
+                     out=str(tmp_path / "run"), overrides=["no_such_key=1"])
+    with pytest.raises(ClipgroundError):
+        get_recipe("fusion-regressor")(args)
