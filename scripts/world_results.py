@@ -310,7 +310,10 @@ def run_entry(entry: Entry, splits: Sequence[str], world: Path, out: Path, build
             records = read_jsonl(world / f"{split}.jsonl")[: limit or None]
             spec = proposal_spec(entry, split, world)
             if grounder is None:
-                grounder = build(entry, spec)
+                try:
+                    grounder = build(entry, spec)
+                except (ValueError, TypeError) as e:  # e.g. an option value the method rejects
+                    raise WorldResultsError(f"cannot build entry {entry.name!r}: {e}") from None
             elif grounder.method.uses_proposals and spec is not None:
                 from clipground.proposals import get_proposals
 
@@ -321,8 +324,10 @@ def run_entry(entry: Entry, splits: Sequence[str], world: Path, out: Path, build
             write_report(res, d, plots=plots)
             write_text(d / "fingerprint.json", json.dumps({"fingerprint": fp}) + "\n")
             outcome.results[split], outcome.reused[split], outcome.reports[split] = res, False, d
+            failed = res.counts.get("failed_items", 0)
             console.print(f"  {split}: Acc@0.5 {format_value('acc@0.5', res.metrics['acc@0.5'])} "
-                          f"in {res.timing.get('seconds', 0):.1f} s -> {d}")
+                          f"in {res.timing.get('seconds', 0):.1f} s -> {d}"
+                          + (f" [yellow]({failed} expressions failed, see metrics.md)[/yellow]" if failed else ""))
     except ClipgroundError as e:
         return Outcome(entry, "error", str(e))
     finally:

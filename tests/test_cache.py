@@ -63,7 +63,9 @@ def test_contents_match_live_features(setup):
     records, props, bb, tmp = setup
     cache = FeatureCache.build(tmp / "c", records, bb, props, CacheSpec(views=("crop", "blur"), patches=True, shard_size=3),
                                progress=False)
-    assert cache.complete and len(cache) == 7 and len(cache.texts) == 3
+    assert cache.complete and len(cache) == 7
+    # The expressions and their subject noun phrases ("the red box" -> "red box").
+    assert cache.texts == ["blue box", "green box", "red box", "the blue box", "the green box", "the red box"]
     path = records[4].image
     e = cache.image(path)
     from clipground.images import load_image
@@ -163,7 +165,7 @@ def test_cli_build_and_info(setup, tiny_clip_dir):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     info = json.loads(CliRunner().invoke(app, ["cache", "info", str(tmp / "cli")]).output)
-    assert info["complete"] and info["images"] == 7 and info["texts"] == 3
+    assert info["complete"] and info["images"] == 7 and info["texts"] == 6
     r = CliRunner().invoke(app, args[:-1] + [str(tmp / "cli"), "--views", "crop"])
     assert r.exit_code != 0 and isinstance(r.exception, StaleCacheError)
 

@@ -156,15 +156,20 @@ def test_reuse_and_only_force(first_run: dict) -> None:
     assert first_run["summary3"]["table"] == first_run["summary"]["table"]  # deterministic re-evaluation
 
 
-def test_failing_entry_is_reported_not_fatal(setup: dict, tmp_path: Path) -> None:
-    cfg = {"entries": [{"name": "bad", "method": "no-such-method", "backbone": "clipground/world-clip"},
+def test_failing_entry_is_reported_not_fatal(setup: dict, tmp_path: Path, tiny_clip_dir: Path) -> None:
+    bb = "clipground/world-clip"
+    cfg = {"entries": [{"name": "bad", "method": "no-such-method", "backbone": bb},
+                       {"name": "bad option", "method": "zero-shot", "backbone": bb, "options": {"views": ["nope"]}},
+                       {"name": "unknown option", "method": "zero-shot", "backbone": bb, "options": {"colour": 1}},
                        {"name": "untrained", "dir": str(tmp_path / "absent")}]}
     (tmp_path / "c.yaml").write_text(json.dumps(cfg))
     rc = wr.main(["--config", str(tmp_path / "c.yaml"), "--world", str(setup["world"]), "--existing-world",
-                  "--out", str(tmp_path / "o"), "--quiet"])
+                  "--out", str(tmp_path / "o"), "--quiet", "--backbone-override", str(tiny_clip_dir)])
     assert rc == 1
     ents = _entries(json.loads((tmp_path / "o" / "world_results.json").read_text()))
     assert ents["bad"]["status"] == "error" and "no-such-method" in ents["bad"]["message"]
+    assert ents["bad option"]["status"] == "error" and "views" in ents["bad option"]["message"]
+    assert ents["unknown option"]["status"] == "error" and "colour" in ents["unknown option"]["message"]
     assert ents["untrained"]["status"] == "not-trained"
     assert "No entry has results yet" in (tmp_path / "o" / "world_results.md").read_text()
 

@@ -109,6 +109,18 @@ def normalize_text(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def cache_texts(expressions: Iterable[str], noun_phrases: bool = True) -> list[str]:
+    """The sorted distinct texts a cache stores: the expressions and, optionally, their noun phrases."""
+    out = {normalize_text(e) for e in expressions}
+    if noun_phrases:
+        from .relations import parse
+
+        for e in list(out):
+            p = parse(e)
+            out.update(normalize_text(t) for t in (p.subject, p.object) if t)
+    return sorted(t for t in out if t)
+
+
 def too_long(backbone: ClipBackbone, texts: Sequence[str]) -> list[bool]:
     """Which texts exceed the backbone's text context (those cannot be encoded)."""
     if not texts:
@@ -192,12 +204,16 @@ class CacheSpec:
         patches: also store the whole image's patch embeddings ``(P, D)``.
         shard_size: images per image shard (the unit of resumption).
         text_shard_size: expressions per text shard.
+        noun_phrases: also cache the subject and object noun phrases of every expression
+            (parsed with :func:`clipground.relations.parse`), which some methods compare
+            with each proposal.
     """
 
     views: tuple[str, ...] = ("crop", "blur")
     patches: bool = False
     shard_size: int = 64
     text_shard_size: int = 2048
+    noun_phrases: bool = True
 
     def __post_init__(self) -> None:
         self.views = tuple(self.views)
@@ -402,7 +418,7 @@ class FeatureCache:
         root = Path(root)
         records = list(records)
         images = sorted({str(r.image) for r in records})
-        texts_all = sorted({normalize_text(r.expression) for r in records})
+        texts_all = cache_texts([r.expression for r in records], spec.noun_phrases)
         fp, comps, parts = fingerprint(images, texts_all, backbone, proposals, spec)
         root.mkdir(parents=True, exist_ok=True)
         idx = _read_index(root)
@@ -645,6 +661,7 @@ __all__ = [
     "CachedText",
     "FeatureCache",
     "StaleCacheError",
+    "cache_texts",
     "fingerprint",
     "image_features",
     "normalize_text",

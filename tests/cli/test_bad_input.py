@@ -269,3 +269,70 @@ def test_cli_good_input_succeeds(inputs, tiny_clip_dir, monkeypatch, capsys):
     assert code == 0, err
     payload = json.loads(out)
     assert payload["image_size"] == [160, 120] and len(payload["predictions"]) == 1
+
+
+# --------------------------------------------------------------------------- library level
+
+
+@pytest.mark.parametrize(
+    "phrase,match",
+    [("", "empty"), ("   \t\n", "empty"), ("a" * 401, "too long: 401 characters"), (None, "must be a string"), (3, "string")],
+)
+def test_check_phrase_refuses(phrase, match):
+    from clipground.backbone.clip import check_phrase
+    from clipground.errors import BadPhraseError
+
+    with pytest.raises(BadPhraseError, match=match):
+        check_phrase(phrase)
+
+
+def test_check_phrase_accepts_and_normalizes():
+    from clipground.backbone.clip import MAX_PHRASE_CHARS, check_phrase
+
+    assert check_phrase("  the   red\tmug \n") == "the red mug"
+    assert len(check_phrase("a" * MAX_PHRASE_CHARS)) == MAX_PHRASE_CHARS
+
+
+def test_token_limit_is_enforced_by_the_backbone(tiny_clip_dir):
+    from clipground.backbone import ClipBackbone
+    from clipground.errors import BadPhraseError
+
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)
+    limit = bb.max_text_tokens
+    bb.tokenize(["x" * (limit - 2)])  # start + end tokens: exactly at the limit
+    with pytest.raises(BadPhraseError, match=f"{limit + 1} tokens, the model accepts {limit}"):
+        bb.tokenize(["x" * (limit - 1)])
+    with pytest.raises(BadPhraseError):
+        bb.text_embeds(["ok", "y" * (limit + 10)])  # one bad phrase in a batch is named, not truncated
+
+
+def test_grounder_refuses_bad_phrases(tiny_clip_dir):
+    from clipground.errors import BadPhraseError, ClipgroundError
+    from clipground.grounder import Grounder
+
+    g = Grounder.load("zero-shot", backbone=tiny_clip_dir, proposals="selective-search")
+    with pytest.raises(ClipgroundError, match="set_image"):
+        g.predict("a cat")
+    g.set_image(np.full((40, 60, 3), 128, np.uint8))
+    for bad in ("", "  ", "z" * 500):
+        with pytest.raises(BadPhraseError):
+            g.predict(bad)
+    with pytest.raises(ClipgroundError, match="list of phrases"):
+        g.predict_batch("a cat")
+
+
+def test_resolve_checkpoint_offline_library_level(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from clipground.backbone import resolve_checkpoint
+    from clipground.errors import CheckpointNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # not cached
+    with pytest.raises(CheckpointNotFoundError, match="openai/clip-vit-base-patch32") as ei:
+        resolve_checkpoint(DEFAULT_BACKBONE)
+    assert "--backbone DIR" in str(ei.value) and "\n" not in str(ei.value)
+    with pytest.raises(CheckpointNotFoundError, match="not found"):
+        resolve_checkpoint(str(tmp_path / "nope"))
+    with pytest.raises(CheckpointNotFoundError, match="config.json"):
+        resolve_checkpoint(tmp_path)

@@ -164,3 +164,22 @@ def test_recipe_rejects_bad_override(tmp_path: Path, tiny_clip_dir: Path) -> Non
                      out=str(tmp_path / "run"), overrides=["no_such_key=1"])
     with pytest.raises(ClipgroundError):
         get_recipe("fusion-regressor")(args)
+
+
+def test_flip_augmentation_keeps_expressions_true(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    from clipground.training.recipes.regression import add_flips, flip_expression, load_keyed_image
+
+    assert flip_expression("the leftmost red box left of the top circle", "h") == \
+        "the rightmost red box right of the top circle"
+    assert flip_expression("the square above the bottommost star", "hv") == "the square below the topmost star"
+    recs = make_scenes(tmp_path, n=2)
+    aug = add_flips(recs, ["h", "v"])
+    assert len(aug) == 3 * len(recs)
+    for r in aug:
+        img = load_keyed_image(r.image)
+        x1, y1, x2, y2 = (int(v) for v in r.box)
+        colour = r.expression.split()[1]
+        assert img.getpixel(((x1 + x2) // 2, (y1 + y2) // 2)) == COLOURS[colour]  # the box still holds its object
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)
+    cache = build_feature_cache(bb, aug, progress=False)
+    assert len(cache.images) == 6 and not torch.equal(cache.patches[0], cache.patches[2])

@@ -27,7 +27,7 @@ from clipground.training.world_tokenizer import build_world_tokenizer, world_wor
 
 TINY_WORLD = ["world.n_train=16", "world.n_val=10", "world.n_test=0", "world.n_compositional=4", "world.max_objects=5"]
 TINY_MODEL = ["vision_hidden=32", "vision_layers=1", "vision_heads=2", "text_hidden=32", "text_layers=1",
-              "text_heads=2", "projection_dim=16", "image_size=32", "batch_size=2", "data.regions_per_scene=4",
+              "text_heads=2", "projection_dim=16", "model.image_size=32", "batch_size=2", "data.regions_per_scene=4",
               "log_every=1", "progress=false", "warmup_steps=1", "eval.hard_boxes=2"]
 
 
@@ -76,12 +76,15 @@ def test_multi_positive_loss_reduces_to_clip_loss() -> None:
     ref = (torch.nn.functional.cross_entropy(logits, torch.arange(6))
            + torch.nn.functional.cross_entropy(logits.T, torch.arange(6))) / 2
     assert multi_positive_loss(logits, eye).item() == pytest.approx(ref.item(), rel=1e-6)
-    # A shared caption (0 and 1 both true of regions 0 and 1) lowers the loss of equal scores.
+    # Captions 0 and 1 are both true of regions 0 and 1 (e.g. "circle" for two circles):
+    # the multi-positive loss prefers tied scores, the one-hot loss prefers the diagonal.
     t = eye.clone()
     t[0, 1] = t[1, 0] = True
-    tied = torch.zeros(6, 6)
+    tied, split = torch.zeros(6, 6), torch.zeros(6, 6)
     tied[:2, :2] = 5.0
-    assert multi_positive_loss(tied, t) < multi_positive_loss(tied, eye)
+    split[:2, :2] = torch.tensor([[6.0, 4.0], [4.0, 6.0]])
+    assert multi_positive_loss(tied, t) < multi_positive_loss(split, t)
+    assert multi_positive_loss(split, eye) < multi_positive_loss(tied, eye)
 
 
 def test_region_sampler_respects_overlap_rules(world: Path) -> None:

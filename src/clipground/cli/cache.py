@@ -22,6 +22,7 @@ def build(
     out: str = typer.Option(..., "--out", help="Cache directory (resumed if it holds an unfinished build of the same inputs)."),
     views: str = typer.Option("crop,blur", "--views", help="Proposal views to embed (comma-separated: crop, blur, circle)."),
     patches: bool = typer.Option(False, "--patches", help="Also store whole-image patch embeddings."),
+    noun_phrases: bool = typer.Option(True, "--noun-phrases/--no-noun-phrases", help="Also embed each expression's subject/object noun phrases (what `clipground train` caches)."),
     shard_size: int = typer.Option(64, "--shard-size", help="Images per shard (the unit of resumption)."),
     split: str | None = typer.Option(None, "--split", help="Keep only records of this split."),
     limit: int | None = typer.Option(None, "--limit", help="Use at most this many records."),
@@ -59,7 +60,8 @@ def build(
 
         raise BadAnnotationError(f"no usable records in {data}: nothing to cache")
     bb = ClipBackbone.from_pretrained(backbone)
-    spec = CacheSpec(views=tuple(v.strip() for v in views.split(",") if v.strip()), patches=patches, shard_size=shard_size)
+    spec = CacheSpec(views=tuple(v.strip() for v in views.split(",") if v.strip()), patches=patches, shard_size=shard_size,
+                     noun_phrases=noun_phrases)
     existed = (Path(out) / "index.json").is_file()
     cache = FeatureCache.build(out, records, bb, get_proposals(proposals), spec, rebuild=rebuild)
     s = cache.summary()

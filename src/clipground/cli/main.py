@@ -30,6 +30,7 @@ _COMMAND_MODULES = [
     "clipground.cli.demo",
     "clipground.cli.world",
     "clipground.cli.cache",
+    "clipground.cli.train",
 ]
 
 for _name in _COMMAND_MODULES:

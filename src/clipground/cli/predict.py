@@ -24,10 +24,14 @@ def predict(
     top_k: int = typer.Option(5, "--top-k", help="Candidates listed per phrase in the JSON."),
 ) -> None:
     """Ground each phrase in IMAGE and print the box (xyxy pixels) and score."""
+    from ..backbone.clip import check_phrase
     from ..images import load_image
 
+    # Validate the cheap things before loading a model: bad input fails in milliseconds.
+    pixels = load_image(image)
+    phrases = [check_phrase(p) for p in phrases]
     g = build_grounder(method, backbone, proposals, option)
-    g.set_image(image)
+    g.set_image(pixels, image_key=str(image))
     preds = g.predict_batch(phrases)
     payload = {
         "image": str(image),

@@ -16,12 +16,11 @@ def pretrain(
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
     overrides: list[str] = typer.Argument(None, help="Config overrides key=value (e.g. max_steps=100 train.lr=5e-4)."),
 ) -> None:
-    """Pretrain a CLIPModel on region-caption pairs of the world's train split.
+    """Pretrain the small world CLIP on region-caption pairs of the world's train split.
 
-    Training state (checkpoints, metrics.jsonl, learning_curve.png) goes to the config's
-    train.output_dir; OUT receives the model, processor, RECIPE.md and the learning curve,
-    loadable with CLIPModel/CLIPProcessor.from_pretrained(OUT). Runs on CPU, one GPU, or
-    several processes via `accelerate launch --multi_gpu --num_processes N -m clipground.cli.main pretrain ...`.
+    Checkpoints, metrics.jsonl and learning_curve.png go to train.output_dir; OUT gets the
+    model, processor and RECIPE.md (load with CLIPModel/CLIPProcessor.from_pretrained).
+    Several processes: accelerate launch --multi_gpu --num_processes N -m clipground.cli.main pretrain ...
     """
     from rich.console import Console
 
@@ -33,6 +32,10 @@ def pretrain(
     cfg = load_pretrain_config(config, list(overrides or []))
     command = "clipground " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "clipground pretrain"
     result = run_pretrain(world, out, cfg, resume=resume, command=command)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     con = Console(stderr=True)
     if not result.finished:
         con.print(f"stopped at step {result.step}/{result.total_steps}; continue with --resume")

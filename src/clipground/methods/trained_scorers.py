@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from ..backbone import ClipBackbone
 from ..cache import image_features
 from ..imageops import VIEW_KINDS
+from ..relations import parse
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
 from .zero_shot import ZeroShotConfig, ZeroShotScorer
 
@@ -60,6 +61,16 @@ def box_geometry(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.stack([b[:, 0] / w, b[:, 1] / h, b[:, 2] / w, b[:, 3] / h, bw, bh, bw * bh], dim=1)
 
 
+def noun_phrases(expression: str) -> tuple[str, str | None]:
+    """``(subject, object)`` noun phrases of an expression (the relation resolver's grammar).
+
+    "the red circle left of the blue square" -> ("red circle", "blue square");
+    "the second star from the left" -> ("star", None); "the red circle" -> ("red circle", None).
+    """
+    p = parse(expression)
+    return p.subject, p.object
+
+
 def _check_views(views: Sequence[str]) -> None:
     bad = set(views) - set(VIEW_KINDS)
     if bad or not views or len(set(views)) != len(views):
@@ -73,7 +84,8 @@ def collate_feature_items(items: Sequence[dict[str, torch.Tensor]]) -> dict[str,
     """Pad per-sample feature dicts into a batch.
 
     Each item has ``views (K, V, D)``, ``geom (K, 7)``, ``text (D,)``, ``tokens (L, Dt)``,
-    ``image (D,)`` and optionally ``labels (K,)`` (1 = positive). The batch has the same
+    ``image (D,)``, optionally ``labels (K,)`` (1 = positive) and optionally ``nps (2, D)``
+    with ``np_mask (2,)`` (subject/object noun-phrase embeddings). The batch has the same
     keys padded to the largest ``K``/``L`` plus ``mask (B, K)`` and ``tmask (B, L)``.
     """
     b = len(items)
@@ -98,6 +110,12 @@ def collate_feature_items(items: Sequence[dict[str, torch.Tensor]]) -> dict[str,
             labels[i, :k] = it["labels"]
     out = {"views": views, "geom": geom, "mask": mask, "tokens": tokens, "tmask": tmask, "labels": labels,
            "text": torch.stack([it["text"] for it in items]), "image": torch.stack([it["image"] for it in items])}
+    if all("nps" in it for it in items):
+        out["nps"] = torch.stack([it["nps"] for it in items])
+        out["np_mask"] = torch.stack([it["np_mask"] for it in items])
+    else:
+        out["nps"] = torch.zeros(b, 2, d)
+        out["np_mask"] = torch.zeros(b, 2, dtype=torch.bool)
     return out
 
 
@@ -135,7 +153,20 @@ class _FrozenFeatureScorer(GroundingMethod):
         else:
             texts = self.backbone.text_embeds(list(phrases))
             toks = [torch.zeros(0, self.backbone.text_width) for _ in phrases]
-        return [{"views": views, "geom": geom, "text": t, "tokens": tk, "image": image} for t, tk in zip(texts, toks)]
+        items = [{"views": views, "geom": geom, "text": t, "tokens": tk, "image": image} for t, tk in zip(texts, toks)]
+        if getattr(self.config, "noun_phrases", False):
+            for it, phrase in zip(items, phrases):
+                it["nps"], it["np_mask"] = self.noun_phrase_embeds(phrase, self.backbone.text_embeds)
+        return items
+
+    def noun_phrase_embeds(self, phrase: str, embed: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(2, D)`` subject/object embeddings and their ``(2,)`` presence mask; ``embed(texts) -> (N, D)``."""
+        subj, obj = noun_phrases(phrase)
+        texts = [subj] + ([obj] if obj else [])
+        e = embed(texts)
+        out = torch.zeros(2, e.shape[-1])
+        out[: len(texts)] = e
+        return out, torch.tensor([True, obj is not None])
 
     def rank(self, state: ImageState, phrases: list[str]) -> list[Ranking]:
         boxes = state.proposals.boxes
@@ -155,6 +186,15 @@ class _FrozenFeatureScorer(GroundingMethod):
         return self
 
 
+def _np_features(views: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Per proposal: cosine of each view with the subject and object phrases ``(B, K, 2V)``,
+    and the presence flags of the two phrases ``(B, K, 2)``."""
+    b, k, v, _ = views.shape
+    cos = torch.einsum("bkvd,bnd->bkvn", views, batch["nps"]) * batch["np_mask"][:, None, None, :]
+    flags = batch["np_mask"].float()[:, None, :].expand(b, k, 2)
+    return [cos.reshape(b, k, 2 * v), flags]
+
+
 # --------------------------------------------------------------------------- a. proposal classifier
 
 
@@ -169,6 +209,8 @@ class ProposalClassifierConfig(MethodConfig):
         dropout: dropout between MLP layers.
         interactions: add the view-phrase elementwise products and cosines to the input
             (lets a small MLP compare phrase and proposal without learning a bilinear form).
+        noun_phrases: also give each proposal its cosine with the expression's subject and
+            object noun phrases (parsed with the relation resolver's grammar).
     """
 
     views: tuple[str, ...] = ("crop", "blur")
@@ -176,6 +218,7 @@ class ProposalClassifierConfig(MethodConfig):
     depth: int = 2
     dropout: float = 0.1
     interactions: bool = True
+    noun_phrases: bool = False
 
 
 @register_method
@@ -190,7 +233,7 @@ class ProposalClassifier(_FrozenFeatureScorer):
         c = self.config
         _check_views(c.views)
         v, d = len(c.views), backbone.embed_dim
-        in_dim = v * d + GEOMETRY_DIM + d + (v * d + v if c.interactions else 0)
+        in_dim = v * d + GEOMETRY_DIM + d + (v * d + v if c.interactions else 0) + (2 * v + 2 if c.noun_phrases else 0)
         layers: list[nn.Module] = []
         for i in range(c.depth):
             layers += [nn.Linear(in_dim if i == 0 else c.hidden, c.hidden), nn.GELU(), nn.Dropout(c.dropout)]
@@ -206,6 +249,8 @@ class ProposalClassifier(_FrozenFeatureScorer):
         if self.config.interactions:
             prod = views * text[:, None, None, :]
             parts += [prod.reshape(b, k, v * d), prod.sum(-1)]
+        if self.config.noun_phrases:
+            parts += _np_features(views, batch)
         logits = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)
         return logits.masked_fill(~batch["mask"], _NEG)
 
@@ -226,6 +271,10 @@ class ProposalAttentionConfig(MethodConfig):
         text_tokens: feed the phrase's token states (not only its pooled embedding).
         interactions: add view-phrase products and cosines to each proposal token.
         image_token: add the pooled whole-image embedding as a context token.
+        noun_phrases: parse the expression into subject and object noun phrases (the
+            relation resolver's grammar), add both as tokens and give every proposal its
+            cosine with each: what ReCLIP asks CLIP, while the Transformer learns the
+            spatial logic from data instead of rules.
     """
 
     views: tuple[str, ...] = ("crop", "blur")
@@ -236,6 +285,7 @@ class ProposalAttentionConfig(MethodConfig):
     text_tokens: bool = True
     interactions: bool = True
     image_token: bool = True
+    noun_phrases: bool = True
 
 
 class _GeometryEmbedding(nn.Module):
@@ -267,7 +317,7 @@ class ProposalAttention(_FrozenFeatureScorer):
         _check_views(c.views)
         self.needs_tokens = bool(c.text_tokens)
         v, d, dm = len(c.views), backbone.embed_dim, c.d_model
-        prop_in = v * d + (v * d + v if c.interactions else 0)
+        prop_in = v * d + (v * d + v if c.interactions else 0) + (2 * v + 2 if c.noun_phrases else 0)
         self.prop_proj = nn.Sequential(nn.Linear(prop_in, dm), nn.LayerNorm(dm))
         self.geom = _GeometryEmbedding(dm)
         self.text_proj = nn.Sequential(nn.Linear(d, dm), nn.LayerNorm(dm))
@@ -275,7 +325,9 @@ class ProposalAttention(_FrozenFeatureScorer):
         self.image_proj = nn.Sequential(nn.Linear(d, dm), nn.LayerNorm(dm))
         self.max_tokens = backbone.max_text_tokens
         self.token_pos = nn.Parameter(torch.zeros(self.max_tokens, dm))
-        self.type_emb = nn.Parameter(torch.zeros(4, dm))  # proposal, pooled text, text token, image
+        if c.noun_phrases:
+            self.np_proj = nn.Sequential(nn.Linear(d, dm), nn.LayerNorm(dm))
+        self.type_emb = nn.Parameter(torch.zeros(6, dm))  # proposal, pooled text, token, image, subject, object
         nn.init.normal_(self.token_pos, std=0.02)
         nn.init.normal_(self.type_emb, std=0.02)
         layer = nn.TransformerEncoderLayer(dm, c.heads, 4 * dm, c.dropout, activation="gelu", batch_first=True,
@@ -293,6 +345,8 @@ class ProposalAttention(_FrozenFeatureScorer):
         if c.interactions:
             prod = views * text[:, None, None, :]
             parts += [prod.reshape(b, k, v * d), prod.sum(-1)]
+        if c.noun_phrases:
+            parts += _np_features(views, batch)
         props = self.prop_proj(torch.cat(parts, -1)) + self.geom(batch["geom"]) + self.type_emb[0]
         seq = [props, (self.text_proj(text) + self.type_emb[1])[:, None]]
         masks = [mask, torch.ones(b, 1, dtype=torch.bool, device=mask.device)]
@@ -304,6 +358,9 @@ class ProposalAttention(_FrozenFeatureScorer):
         if c.image_token:
             seq.append((self.image_proj(batch["image"]) + self.type_emb[3])[:, None])
             masks.append(torch.ones(b, 1, dtype=torch.bool, device=mask.device))
+        if c.noun_phrases:
+            seq.append(self.np_proj(batch["nps"]) + self.type_emb[4:6])
+            masks.append(batch["np_mask"])
         x = self.encoder(torch.cat(seq, 1), src_key_padding_mask=~torch.cat(masks, 1))
         logits = self.head(self.norm(x[:, :k])).squeeze(-1)
         return logits.masked_fill(~mask, _NEG)
@@ -533,6 +590,7 @@ __all__ = [
     "ProposalClassifierConfig",
     "box_geometry",
     "collate_feature_items",
+    "noun_phrases",
     "multi_positive_ce",
     "unfreeze_clip",
 ]

@@ -75,7 +75,8 @@ class TrainResult:
     last_metrics: dict[str, float]
     last_eval: dict[str, float]
     output_dir: Path
-    wall_time_s: float
+    wall_time_s: float  # training time summed over every (resumed) session
+    cpu_time_s: float = 0.0  # main-process CPU time, likewise summed (contention-independent)
 
 
 def _to_float(v: Any) -> float:
@@ -254,7 +255,7 @@ class Trainer:
             C.write_checkpoint_files(tmp, acc.unwrap_model(self.model), optimizer, scheduler, acc.scaler)
             state = {"step": step, "epoch": epoch, "batches_done": batches_done,
                      "num_processes": acc.num_processes, "config": to_dict(self.cfg),
-                     "extra": self.extra_state}
+                     "elapsed_s": self._elapsed(), "cpu_s": self._cpu(), "extra": self.extra_state}
             C.commit_checkpoint(tmp, root / name, state)
             C.prune_checkpoints(self.output_dir, self.cfg.keep_last)
         acc.wait_for_everyone()
@@ -280,6 +281,12 @@ class Trainer:
         state["path"] = str(ckpt)
         return state
 
+    def _elapsed(self) -> float:
+        return self._prior[0] + time.time() - self._t0
+
+    def _cpu(self) -> float:
+        return self._prior[1] + time.process_time() - self._c0
+
     # ------------------------------------------------------------------ eval
     def _evaluate(self, acc: Any, step: int) -> dict[str, float]:
         result: dict[str, float] = {}
@@ -304,7 +311,7 @@ class Trainer:
         """
         from accelerate.utils import set_seed
 
-        t0 = time.time()
+        self._t0, self._c0, self._prior = time.time(), time.process_time(), (0.0, 0.0)
         cfg = self.cfg
         acc = self._make_accelerator()
         set_seed(cfg.seed, device_specific=True)
@@ -344,9 +351,12 @@ class Trainer:
             state = self._restore(acc, optimizer, scheduler)
             if state is not None:
                 step, epoch, skip = state["step"], state["epoch"], state["batches_done"]
+                self._prior = (float(state.get("elapsed_s", 0.0)), float(state.get("cpu_s", 0.0)))
                 if acc.is_main_process:
                     self._truncate_metrics(step)
                     print(f"resuming from {state['path']} (step {step}, epoch {epoch}, batch {skip})", flush=True)
+            elif acc.is_main_process:
+                self._truncate_metrics(0)  # nothing to resume: start the log afresh
             acc.wait_for_everyone()
 
         from tqdm.auto import tqdm
@@ -421,7 +431,8 @@ class Trainer:
                 plot_learning_curve(self.output_dir / METRICS_FILE, self.output_dir / CURVE_FILE)
         acc.wait_for_everyone()
         return TrainResult(step=step, total_steps=total, finished=finished, last_metrics=last_metrics,
-                           last_eval=last_eval, output_dir=self.output_dir, wall_time_s=time.time() - t0)
+                           last_eval=last_eval, output_dir=self.output_dir, wall_time_s=self._elapsed(),
+                           cpu_time_s=self._cpu())
 
     def unwrapped_model(self) -> torch.nn.Module:
         """The trained model without accelerate/DDP wrappers."""

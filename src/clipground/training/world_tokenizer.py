@@ -12,13 +12,10 @@ instead of failing or producing the end-of-text token mid-sentence.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
-#: CLIP's pre-tokenisation pattern (words, digits, punctuation runs, English clitics).
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 def world_words() -> list[str]:
@@ -36,24 +33,56 @@ def world_words() -> list[str]:
     return sorted(words)
 
 
+def _learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Deterministic BPE merges that turn every word into one ``word</w>`` token.
+
+    The ``tokenizers`` trainer breaks frequency ties by hash order, so its token ids change
+    from run to run; a resumed pretraining run (or a second build) must get the same ids.
+    This is the textbook greedy BPE loop with ties broken lexicographically. Applying the
+    merges in rank order (what the BPE model does at inference) reproduces these
+    segmentations exactly.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    seqs = []
+    for w in sorted(set(words)):
+        syms = [b2u[b] for b in w.encode("utf-8")]
+        if syms:
+            syms[-1] += "</w>"
+            seqs.append(syms)
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for syms in seqs:
+            for pair in zip(syms, syms[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for k, syms in enumerate(seqs):
+            out, i = [], 0
+            while i < len(syms):
+                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == best:
+                    out.append(syms[i] + syms[i + 1])
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            seqs[k] = out
+
+
 def build_world_tokenizer(words: Iterable[str] | None = None, model_max_length: int = 32):
-    """Train the byte-level BPE on ``words`` (default :func:`world_words`) -> ``CLIPTokenizer``."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """Byte-level BPE over ``words`` (default :func:`world_words`) as a ``CLIPTokenizer``.
+
+    Deterministic: the same words always give the same vocabulary and ids.
+    """
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    words = sorted(set(words if words is not None else world_words()))
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>")
-    bpe.train_from_iterator([" ".join(words)], trainer)
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    words = sorted({w.lower() for w in (words if words is not None else world_words())})
+    merges = _learn_merges(words)
 
     # CLIP's id layout: 256 byte symbols, the same with "</w>", merge results, then specials
     # (end-of-text last, so even legacy "argmax of input_ids" pooling finds it).

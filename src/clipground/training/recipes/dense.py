@@ -37,9 +37,11 @@ from .regression import (
     CachedGroundingDataset,
     FeatureCache,
     evaluate_dataset,
+    flip_box,
     load_backbone,
     prepare_data,
     save_final,
+    split_key,
 )
 
 
@@ -103,17 +105,23 @@ def load_instance_masks(records: Sequence[GroundingRecord], instances: str | Pat
         anns.setdefault(a["image_id"], []).append(a)
     out: list[np.ndarray | None] = []
     for r in records:
-        im = by_file.get(str(Path(r.image).resolve()))
+        path, kind = split_key(r.image)  # a mirrored training copy: find the original, flip its mask
+        im = by_file.get(str(Path(path).resolve()))
         cands = anns.get(im["id"], []) if im else []
         mask = None
         if cands:
+            box = flip_box(r.box, kind, im["width"], im["height"])
             bx = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                                for a in cands], dtype=torch.float32)
-            ious = iou(torch.tensor([r.box], dtype=torch.float32), bx)[0]
+            ious = iou(torch.tensor([box], dtype=torch.float32), bx)[0]
             k = int(ious.argmax())
             if float(ious[k]) >= 0.9 and cands[k].get("segmentation") is not None:
                 mask = _decode_segmentation(cands[k]["segmentation"], im["height"], im["width"])
-        out.append(mask)
+                if mask is not None and "h" in kind:
+                    mask = mask[:, ::-1]
+                if mask is not None and "v" in kind:
+                    mask = mask[::-1]
+        out.append(None if mask is None else np.ascontiguousarray(mask))
     return out
 
 
@@ -175,6 +183,7 @@ class LocatorRecipeConfig:
     """Everything ``clipground train --method locator`` reads from YAML / overrides.
 
     ``masks``: ``auto`` (world instance masks when present), ``none``, or a COCO JSON path.
+    ``eval_limit`` and ``flips`` as in :class:`~clipground.training.recipes.regression.FusionRecipeConfig`.
     """
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=64, lr=5e-4,
@@ -183,6 +192,7 @@ class LocatorRecipeConfig:
     model: LocatorConfig = field(default_factory=LocatorConfig)
     loss: LocatorLossConfig = field(default_factory=LocatorLossConfig)
     eval_limit: int = 2000
+    flips: list[str] = field(default_factory=list)
     masks: str = "auto"
 
 
@@ -232,7 +242,7 @@ def run(args: TrainArgs) -> Path:
     cfg.train.output_dir = args.out
     backbone = load_backbone(args)
     train, val, cache = prepare_data(args, backbone, cfg.model.prompt, cfg.eval_limit, cfg.train.seed,
-                                     progress=cfg.train.progress)
+                                     flips=cfg.flips, progress=cfg.train.progress)
     if len(train) < cfg.train.batch_size and cfg.train.drop_last:
         raise ClipgroundError(f"only {len(train)} training records for batch_size {cfg.train.batch_size}; "
                               f"lower batch_size (e.g. batch_size={max(1, len(train))})")

@@ -56,6 +56,75 @@ def load_split(path: str, images: str | None, split: str) -> list[GroundingRecor
     return res.records
 
 
+# --------------------------------------------------------------------------- flips
+
+#: Word swaps that keep an expression true when the image is mirrored.
+FLIP_WORDS: dict[str, dict[str, str]] = {
+    "h": {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"},
+    "v": {"top": "bottom", "bottom": "top", "topmost": "bottommost", "bottommost": "topmost", "above": "below",
+          "below": "above", "upper": "lower", "lower": "upper"},
+}
+FLIP_KINDS = ("h", "v", "hv")
+
+
+def flip_expression(text: str, kind: str) -> str:
+    """Swap the spatial words a mirror flips (``h``: left/right, ``v``: top/bottom, ``hv``: both)."""
+    words = text.split(" ")
+    for k in kind:
+        words = [FLIP_WORDS[k].get(w, w) for w in words]
+    return " ".join(words)
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``path#kind`` -> ``(path, kind)``; a plain path -> ``(path, "")``."""
+    path, sep, kind = key.rpartition("#")
+    return (path, kind) if sep and kind in FLIP_KINDS else (key, "")
+
+
+def flip_box(box: Sequence[float], kind: str, width: int, height: int) -> list[float]:
+    """Mirror an ``xyxy`` pixel box like the image (self-inverse)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if "h" in kind:
+        x1, x2 = width - x2, width - x1
+    if "v" in kind:
+        y1, y2 = height - y2, height - y1
+    return [x1, y1, x2, y2]
+
+
+def load_keyed_image(key: str) -> Any:
+    """Load ``path`` or a flipped view ``path#h`` / ``path#v`` / ``path#hv`` (feature-cache keys)."""
+    from PIL import Image
+
+    path, kind = split_key(key)
+    img = load_image(path)
+    if "h" in kind:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if "v" in kind:
+        img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    return img
+
+
+def add_flips(records: Sequence[GroundingRecord], kinds: Sequence[str]) -> list[GroundingRecord]:
+    """``records`` plus mirrored copies (image key ``path#kind``, flipped box, swapped words).
+
+    Training-set augmentation: a mirrored scene with "left" and "right" swapped describes
+    the mirrored object, so the copies are as correct as the originals.
+    """
+    bad = [k for k in kinds if k not in FLIP_KINDS]
+    if bad:
+        raise ClipgroundError(f"unknown flip kind(s) {bad}; use h, v or hv")
+    sizes: dict[str, tuple[int, int]] = {}
+    out = list(records)
+    for kind in kinds:
+        for r in records:
+            if r.image not in sizes:
+                sizes[r.image] = load_image(r.image).size
+            out.append(GroundingRecord(f"{r.image}#{kind}", flip_expression(r.expression, kind),
+                                       flip_box(r.box, kind, *sizes[r.image]), r.image_id, r.ref_id, r.split,
+                                       {**r.meta, "flip": kind}))
+    return out
+
+
 # --------------------------------------------------------------------------- feature cache
 
 
@@ -152,8 +221,8 @@ def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecor
             parts.append(part)
         return parts
 
-    def enc_images(paths: Sequence[str]) -> dict[str, torch.Tensor]:
-        pil = [load_image(p) for p in paths]
+    def enc_images(keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        pil = [load_keyed_image(k) for k in keys]
         sizes = torch.tensor([im.size for im in pil], dtype=torch.int64)
         f = backbone.encode_images([clip_square_input(backbone, im)[0] for im in pil])
         return {"sizes": sizes, "img_embed": f.embeds.float().cpu(), "patches": f.patch_tokens.half().cpu()}
@@ -316,7 +385,11 @@ class FusionLossConfig:
 
 @dataclass
 class FusionRecipeConfig:
-    """Everything ``clipground train --method fusion-regressor`` reads from YAML / overrides."""
+    """Everything ``clipground train --method fusion-regressor`` reads from YAML / overrides.
+
+    ``eval_limit``: at most this many validation records (a fixed random subset).
+    ``flips``: training-set mirror augmentation, any of ``h``, ``v``, ``hv`` (see :func:`add_flips`).
+    """
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, batch_size=64, lr=3e-4,
                                                                    warmup_steps=200, weight_decay=0.05,
@@ -324,6 +397,7 @@ class FusionRecipeConfig:
     model: FusionRegressorConfig = field(default_factory=FusionRegressorConfig)
     loss: FusionLossConfig = field(default_factory=FusionLossConfig)
     eval_limit: int = 2000
+    flips: list[str] = field(default_factory=list)
 
 
 def fusion_loss(weights: FusionLossConfig) -> Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]:
@@ -343,10 +417,17 @@ def fusion_loss(weights: FusionLossConfig) -> Callable[[torch.nn.Module, Batch],
 
 
 def prepare_data(args: TrainArgs, backbone: ClipBackbone, prompt: str, eval_limit: int, seed: int,
-                 progress: bool = True) -> tuple[list[GroundingRecord], list[GroundingRecord], FeatureCache]:
-    """Load train/val records and build (or reuse) their feature cache."""
-    train = load_split(args.train, args.images, "train")
-    val = subset(load_split(args.val, args.images, "val"), eval_limit, seed) if args.val else []
+                 flips: Sequence[str] = (), progress: bool = True
+                 ) -> tuple[list[GroundingRecord], list[GroundingRecord], FeatureCache]:
+    """Load train (+ flips) / val records and build (or reuse) their feature cache.
+
+    Without ``--val``, a ``--train`` folder's own ``val.jsonl`` (a world folder) is used.
+    """
+    train = add_flips(load_split(args.train, args.images, "train"), flips)
+    val_path = args.val
+    if val_path is None and Path(args.train).is_dir() and (Path(args.train) / "val.jsonl").is_file():
+        val_path = str(Path(args.train) / "val.jsonl")
+    val = subset(load_split(val_path, args.images, "val"), eval_limit, seed) if val_path else []
     cache_dir = Path(args.cache) if args.cache else Path(args.out) / "feature_cache"
     cache = build_feature_cache(backbone, train + val, prompt, cache_dir, progress=progress)
     return train, val, cache
@@ -401,7 +482,7 @@ def run(args: TrainArgs) -> Path:
     cfg.train.output_dir = args.out
     backbone = load_backbone(args)
     train, val, cache = prepare_data(args, backbone, cfg.model.prompt, cfg.eval_limit, cfg.train.seed,
-                                     progress=cfg.train.progress)
+                                     flips=cfg.flips, progress=cfg.train.progress)
     if len(train) < cfg.train.batch_size and cfg.train.drop_last:
         raise ClipgroundError(f"only {len(train)} training records for batch_size {cfg.train.batch_size}; "
                               f"lower batch_size (e.g. batch_size={max(1, len(train))})")

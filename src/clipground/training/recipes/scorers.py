@@ -51,6 +51,7 @@ from ...methods.trained_scorers import (
     box_geometry,
     collate_feature_items,
     multi_positive_ce,
+    noun_phrases,
 )
 from ...relations import parse
 from ..config import ConfigError, TrainConfig, apply_overrides, from_dict, to_dict
@@ -299,14 +300,28 @@ class _ProposalSamples(Dataset):
 
 
 class FeatureDataset(_ProposalSamples):
-    """Frozen-feature samples: every proposal's view embeddings, geometry and labels, plus the phrase."""
+    """Frozen-feature samples: every proposal's view embeddings, geometry and labels, plus the phrase
+    (pooled embedding, token states and, with ``noun_phrases``, its subject/object phrase embeddings)."""
+
+    def __init__(self, source: Any, records: Sequence[GroundingRecord], pos_iou: float, sentences: str = "all",
+                 seed: int = 0, noun_phrases: bool = False):
+        super().__init__(source, records, pos_iou, sentences, seed)
+        self.noun_phrases = noun_phrases
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         r, ious = self.pick(i)
         e = self.source.image(r.image)
         t = self.source.text(r.expression)
-        return {"views": e.view_embeds.transpose(0, 1), "geom": box_geometry(e.boxes, e.size), "text": t.embed,
+        item = {"views": e.view_embeds.transpose(0, 1), "geom": box_geometry(e.boxes, e.size), "text": t.embed,
                 "tokens": t.tokens, "image": e.image_embed, "labels": (ious >= self.pos_iou).float()}
+        if self.noun_phrases:
+            subj, obj = noun_phrases(r.expression)
+            nps = torch.zeros(2, t.embed.shape[-1])
+            nps[0] = self.source.text(subj).embed
+            if obj:
+                nps[1] = self.source.text(obj).embed
+            item["nps"], item["np_mask"] = nps, torch.tensor([True, obj is not None])
+        return item
 
 
 class PixelDataset(_ProposalSamples):
@@ -527,7 +542,8 @@ def _train_scorer(args: TrainArgs) -> Path:
     method = mcls(backbone, cfg.method)
     d = cfg.data
     if args.method in FROZEN_METHODS:
-        dataset: Dataset = FeatureDataset(train_cache, train_records, d.pos_iou, d.sentences, cfg.train.seed)
+        dataset: Dataset = FeatureDataset(train_cache, train_records, d.pos_iou, d.sentences, cfg.train.seed,
+                                          noun_phrases=bool(getattr(cfg.method, "noun_phrases", False)))
         collate = collate_feature_items
         loss_fn = classifier_loss(d.pos_weight) if args.method == "proposal-classifier" else ranking_loss
     else:
