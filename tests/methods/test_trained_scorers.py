@@ -17,7 +17,13 @@ from clipground.cache import CacheSpec, FeatureCache
 from clipground.data.jsonl import write_jsonl
 from clipground.data.records import GroundingRecord
 from clipground.methods import get_method_class
-from clipground.methods.trained_scorers import box_geometry, collate_feature_items, multi_positive_ce, unfreeze_clip
+from clipground.methods.trained_scorers import (
+    box_geometry,
+    collate_feature_items,
+    multi_positive_ce,
+    noun_phrases,
+    unfreeze_clip,
+)
 from clipground.proposals import get_proposals
 from clipground.training import checkpoint as C
 from clipground.training.recipes import TrainArgs, get_recipe
@@ -196,6 +202,9 @@ def test_cached_and_live_features_agree(data, tiny_clip_dir, tmp_path):
 
 
 def test_helpers():
+    assert noun_phrases("the red circle left of the blue square") == ("red circle", "blue square")
+    assert noun_phrases("the second star from the left") == ("star", None)
+    assert noun_phrases("a red circle") == ("red circle", None)
     g = box_geometry(torch.tensor([[10.0, 20.0, 30.0, 60.0]]), (100, 200))
     assert torch.allclose(g, torch.tensor([[0.1, 0.1, 0.3, 0.3, 0.2, 0.2, 0.04]]))
     logits = torch.tensor([[2.0, 1.0, 0.0, 5.0]])

@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..backbone import ClipBackbone
 from ..cache import image_features

@@ -99,6 +99,7 @@ class EvalConfig:
     max_records: int = 0  # 0 = every attribute record of the split
     compositional: bool = True  # also report accuracy on the held-out colour-shape pairs
     hard_boxes: int = 4  # per record: part/loose/pair boxes the target's tight box must beat
+    per_view: list[str] = field(default_factory=lambda: ["crop", "blur", "circle"])  # single-view accuracies
 
 
 @dataclass
@@ -126,6 +127,8 @@ def load_pretrain_config(path: str | os.PathLike | None = None, overrides: Seque
             raise ConfigError(f"{name} needs positive weights over {', '.join(allowed)}; got {weights}")
     if not set(cfg.eval.views) <= set(VIEW_KINDS) or not cfg.eval.views:
         raise ConfigError(f"eval.views must be a non-empty subset of {VIEW_KINDS}, got {cfg.eval.views}")
+    if not set(cfg.eval.per_view) <= set(VIEW_KINDS):
+        raise ConfigError(f"eval.per_view must be a subset of {VIEW_KINDS}, got {cfg.eval.per_view}")
     if cfg.model.image_size % cfg.model.patch_size:
         raise ConfigError("model.image_size must be a multiple of model.patch_size")
     try:
@@ -559,18 +562,20 @@ def _render_many(image: Image.Image, boxes: list[list[float]], views: Sequence[s
 
 @torch.no_grad()
 def evaluate_grounding(model: torch.nn.Module, processor, items: list[_EvalItem], views: Sequence[str],
-                       batch_size: int = 256) -> dict[str, float]:
-    """Zero-shot box choice among ground-truth boxes, as the lead's scorer does it.
+                       per_view: Sequence[str] = (), batch_size: int = 256) -> dict[str, float]:
+    """Zero-shot box choice among ground-truth boxes, as the zero-shot scorer does it.
 
     For each record: render ``views`` of every ground-truth object box, take the mean
     cosine between their embeddings and the text, pick the argmax. Reports accuracy with
-    the full expression (``acc``) and with the bare noun phrase (``acc_np``), and how often
-    the target's tight box beats hard boxes around it (``tight_beats_hard``).
+    the full expression (``acc``) and with the bare noun phrase (``acc_np``), how often the
+    target's tight box beats hard boxes around it (``tight_beats_hard``), and the accuracy
+    of each single view in ``per_view`` (``acc_crop``, ...).
     """
     if not items:
         return {}
     model = _unwrap(model)
     device = next(model.parameters()).device
+    all_views = list(dict.fromkeys([*views, *per_view]))
     imgs: list[Image.Image] = []
     spans = []
     for it in items:
@@ -578,7 +583,7 @@ def evaluate_grounding(model: torch.nn.Module, processor, items: list[_EvalItem]
             image = im.convert("RGB")
         boxes = it.boxes + it.hard
         start = len(imgs)
-        imgs.extend(_render_many(image, boxes, views))
+        imgs.extend(_render_many(image, boxes, all_views))
         spans.append((start, len(boxes)))
     emb = []
     for i in range(0, len(imgs), batch_size):
@@ -589,20 +594,26 @@ def evaluate_grounding(model: torch.nn.Module, processor, items: list[_EvalItem]
     tok = processor.tokenizer(texts, padding=True, return_tensors="pt")
     T = text_embeds(model, tok["input_ids"].to(device), tok["attention_mask"].to(device))
     tindex = {t: i for i, t in enumerate(texts)}
-    nv = len(views)
+    nv = len(all_views)
+    gate = [all_views.index(v) for v in views]
     correct = correct_np = beats = beats_n = 0
+    view_correct = dict.fromkeys(per_view, 0)
     for it, (start, nb) in zip(items, spans):
         e = E[start:start + nv * nb].reshape(nv, nb, -1)
-        s_expr = (e @ T[tindex[it.expression]]).mean(0)
-        s_np = (e @ T[tindex[it.subject]]).mean(0)
+        sims = e @ T[tindex[it.expression]]  # (views, boxes)
+        s_expr = sims[gate].mean(0)
+        s_np = (e[gate] @ T[tindex[it.subject]]).mean(0)
         ng = len(it.boxes)
         correct += int(s_expr[:ng].argmax()) == it.target
         correct_np += int(s_np[:ng].argmax()) == it.target
+        for v in per_view:
+            view_correct[v] += int(sims[all_views.index(v), :ng].argmax()) == it.target
         if nb > ng:
             beats += int((s_expr[it.target] > s_expr[ng:]).sum())
             beats_n += nb - ng
     n = len(items)
     out = {"acc": correct / n, "acc_np": correct_np / n, "n": float(n)}
+    out.update({f"acc_{v}": c / n for v, c in view_correct.items()})
     if beats_n:
         out["tight_beats_hard"] = beats / beats_n
     return out
@@ -616,7 +627,7 @@ def make_eval_fn(world: Path, processor, cfg: EvalConfig, seed: int):
         raise ConfigError(f"world {world} has no attribute records in split {cfg.split!r} to evaluate on")
 
     def eval_fn(model: torch.nn.Module) -> dict[str, float]:
-        res = evaluate_grounding(model, processor, main, cfg.views)
+        res = evaluate_grounding(model, processor, main, cfg.views, cfg.per_view)
         out = {f"{cfg.split}_{k}": v for k, v in res.items() if k != "n"}
         if comp:
             c = evaluate_grounding(model, processor, comp, cfg.views)

@@ -41,6 +41,7 @@ from .regression import (
     load_backbone,
     prepare_data,
     save_final,
+    set_threads,
     split_key,
 )
 
@@ -183,7 +184,7 @@ class LocatorRecipeConfig:
     """Everything ``clipground train --method locator`` reads from YAML / overrides.
 
     ``masks``: ``auto`` (world instance masks when present), ``none``, or a COCO JSON path.
-    ``eval_limit`` and ``flips`` as in :class:`~clipground.training.recipes.regression.FusionRecipeConfig`.
+    ``eval_limit``, ``flips`` and ``num_threads`` as in :class:`~clipground.training.recipes.regression.FusionRecipeConfig`.
     """
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=64, lr=5e-4,
@@ -193,6 +194,7 @@ class LocatorRecipeConfig:
     loss: LocatorLossConfig = field(default_factory=LocatorLossConfig)
     eval_limit: int = 2000
     flips: list[str] = field(default_factory=list)
+    num_threads: int = 0
     masks: str = "auto"
 
 
@@ -240,6 +242,7 @@ def run(args: TrainArgs) -> Path:
     """``clipground train --method locator``: cache features, train, save ``out/final``."""
     cfg = load_config(LocatorRecipeConfig, args.config, args.overrides)
     cfg.train.output_dir = args.out
+    set_threads(cfg.num_threads)
     backbone = load_backbone(args)
     train, val, cache = prepare_data(args, backbone, cfg.model.prompt, cfg.eval_limit, cfg.train.seed,
                                      flips=cfg.flips, progress=cfg.train.progress)

@@ -26,8 +26,8 @@ overrides on the command line (``lr=3e-4``, ``method.layers=4``, ``data.pos_iou=
 from __future__ import annotations
 
 import json
-import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
@@ -535,7 +535,10 @@ def _train_scorer(args: TrainArgs) -> Path:
     val_records = load_annotation_records(val_path, args.images, cfg.data.val_limit, "validation") if val_path else None
 
     backbone = ClipBackbone.from_pretrained(args.backbone)
+    t0 = time.perf_counter()
     train_cache, val_cache = build_caches(args, cfg, backbone, train_records, val_records, progress=cfg.train.progress)
+    cache_s = time.perf_counter() - t0
+    print(f"feature caches ready in {cache_s:.1f} s", flush=True)
 
     torch.manual_seed(cfg.train.seed)
     mcls = get_method_class(args.method)
@@ -571,6 +574,8 @@ def _train_scorer(args: TrainArgs) -> Path:
     trainer = Trainer(cfg.train, method, dataset, collate_fn=collate, loss_fn=loss_fn, eval_fn=eval_fn,
                       extra_state={"method": args.method, "method_config": method.config.to_dict()})
     result = trainer.fit(resume=args.resume)
+    print(f"trained {result.step} steps in {result.wall_time_s:.1f} s; last: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in {**result.last_metrics, **result.last_eval}.items()), flush=True)
     method = trainer.unwrapped_model()  # type: ignore[assignment]
     method.eval()
     final = out / "final"
@@ -582,6 +587,8 @@ def _train_scorer(args: TrainArgs) -> Path:
         "train": {"annotations": train_path, **stats.to_json(), "cache": str(train_cache.root),
                   "cache_fingerprint": train_cache.fingerprint},
         "steps": result.step,
+        "train_seconds": round(result.wall_time_s, 1),
+        "cache_seconds": round(cache_s, 1),
         "last_metrics": result.last_metrics,
         "val": result.last_eval,
         "config": to_dict(cfg),
