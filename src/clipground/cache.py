@@ -240,9 +240,17 @@ def fingerprint(images: Sequence[str], texts: Sequence[str], backbone: ClipBackb
 # --------------------------------------------------------------------------- atomic IO
 
 
+def _file_mode() -> int:
+    """Permissions of a normally created file (mkstemp's are 0600; caches are shared)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP + path.name)
     try:
+        os.chmod(tmp, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -259,6 +267,7 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, _file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,7 +1,8 @@
 """Dense, proposal-free methods: a trained locator and a zero-shot heatmap + segmenter.
 
 ``locator`` (trainable; after RISCLIP, Kim et al., 2024, adapted to a frozen CLIP):
-    CLIP's frozen last-layer patch tokens get small trainable *adapters*: residual blocks in
+    CLIP's frozen last-layer patch tokens (FiLM-modulated by the phrase embedding and given
+    CLIP's patch-phrase similarity as a feature, as in the fusion regressor) get small trainable *adapters*: residual blocks in
     which every patch token cross-attends to the phrase's text tokens, then to the other
     patches (self-attention), then an MLP. A linear *locator head* turns each adapted patch
     into a logit: a low-resolution ``h x w`` probability map of the target. A small
@@ -37,7 +38,7 @@ from ..backbone import ClipBackbone
 from ..heatmaps import InputGeometry, make_heatmap_source
 from ..segmenters import box_from_heatmap, make_segmenter
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
-from .regression import encode_phrases, encode_square_image, patch_grid
+from .regression import encode_phrases, encode_square_image, patch_grid, patch_text_similarity
 
 # --------------------------------------------------------------------------- locator
 
@@ -55,6 +56,8 @@ class LocatorConfig(MethodConfig):
         upsample: refiner upsampling factor (a power of two).
         refiner_channels: channels of the refiner convolutions.
         moment_power: exponent applied to map probabilities before taking box moments.
+        similarity: add each patch's CLIP similarity to the phrase as an input feature.
+        film: modulate patch tokens multiplicatively by the phrase embedding.
         prompt: template the phrase is put in before text encoding.
     """
 
@@ -66,6 +69,8 @@ class LocatorConfig(MethodConfig):
     upsample: int = 4
     refiner_channels: int = 32
     moment_power: float = 4.0
+    similarity: bool = True
+    film: bool = True
     prompt: str = "{}"
 
 
@@ -127,6 +132,8 @@ class LocatorNet(nn.Module):
         self.txt_in = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
         self.sent_in = nn.Linear(embed_dim, d)
         self.pos = nn.Parameter(torch.randn(grid[0] * grid[1], d) * 0.02)
+        self.sim_in = nn.Linear(2, d) if cfg.similarity else None
+        self.film = nn.Linear(embed_dim, d) if cfg.film else None
         self.adapters = nn.ModuleList(AdapterBlock(d, cfg.heads, cfg.ff_mult, cfg.dropout)
                                       for _ in range(cfg.adapter_layers))
         self.out_norm = nn.LayerNorm(d)
@@ -148,15 +155,20 @@ class LocatorNet(nn.Module):
         nn.init.zeros_(self.box_mlp[-1].weight)
         nn.init.zeros_(self.box_mlp[-1].bias)
 
-    def forward(self, img_embed: torch.Tensor, patches: torch.Tensor, txt_embed: torch.Tensor,
-                txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> LocatorOutput:
+    def forward(self, img_embed: torch.Tensor, patches: torch.Tensor, patch_embeds: torch.Tensor,
+                txt_embed: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> LocatorOutput:
         """Same inputs as :class:`~clipground.methods.regression.FusionHead`."""
         b, p, _ = patches.shape
         gh, gw = self.grid
         sent = self.sent_in(txt_embed)
         text = torch.cat([sent[:, None], self.txt_in(txt_tokens)], 1)
         pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=text.device), ~txt_mask.bool()], 1)
-        x = self.vis_in(patches) + self.pos[:p]
+        x = self.vis_in(patches)
+        if self.film is not None:
+            x = x * (1 + self.film(txt_embed)[:, None])
+        if self.sim_in is not None:
+            x = x + self.sim_in(patch_text_similarity(patch_embeds, txt_embed))
+        x = x + self.pos[:p]
         for blk in self.adapters:
             x = blk(x, text, pad)
         x = self.out_norm(x)
@@ -199,7 +211,8 @@ class Locator(GroundingMethod):
         t = encode_phrases(self.backbone, phrases, self.config.prompt)
         f = state.features
         n = len(phrases)
-        return self.net(f["img_embed"].expand(n, -1), f["patches"].expand(n, -1, -1), t.embeds, t.tokens, t.mask)
+        return self.net(f["img_embed"].expand(n, -1), f["patches"].expand(n, -1, -1),
+                        f["patch_embeds"].expand(n, -1, -1), t.embeds, t.tokens, t.mask)
 
     @torch.inference_mode()
     def heatmaps(self, state: ImageState, phrases: list[str]) -> torch.Tensor:

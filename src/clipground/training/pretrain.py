@@ -1,8 +1,8 @@
 """Pretrain a small CLIP in the synthetic world (``clipground pretrain``).
 
 No pretrained CLIP weights are reachable offline, so clipground ships its own: a
-transformers :class:`~transformers.CLIPModel` (a ViT on 64 px inputs with 8 px patches and a
-small text transformer, ~2.5M parameters) trained contrastively on *region-caption*
+transformers :class:`~transformers.CLIPModel` (a 4-layer ViT on 128 px inputs with 16 px
+patches, i.e. an 8x8 grid, and a 3-layer text transformer; ~1.9M parameters) trained contrastively on *region-caption*
 pairs from the world's train split only.
 
 The model is later used zero-shot exactly like a hub CLIP: every candidate box is shown
@@ -60,15 +60,15 @@ REGION_KINDS = ("object", "part", "loose", "background", "pair")
 class ClipModelConfig:
     """Size of the world CLIP (transformers ``CLIPConfig`` fields, simplified)."""
 
-    image_size: int = 64
-    patch_size: int = 8
+    image_size: int = 128
+    patch_size: int = 16
     vision_hidden: int = 192
     vision_layers: int = 4
     vision_heads: int = 4
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
-    mlp_ratio: int = 4
+    mlp_ratio: int = 2
     projection_dim: int = 128
     max_text_tokens: int = 32
     logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
@@ -109,8 +109,8 @@ class PretrainConfig:
     generated) and ``eval``."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        output_dir="runs/pretrain_world_clip", batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50,
-        max_steps=1200, log_every=10, save_every=100, eval_every=200))
+        output_dir="runs/pretrain_world_clip", batch_size=16, lr=1e-3, weight_decay=0.05, warmup_steps=50,
+        max_steps=900, log_every=10, save_every=50, eval_every=300))
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     data: RegionDataConfig = field(default_factory=RegionDataConfig)
     world: WorldConfig = field(default_factory=WorldConfig)

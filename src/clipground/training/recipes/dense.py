@@ -35,6 +35,8 @@ from . import TrainArgs, register_recipe
 from .regression import (
     Batch,
     CachedGroundingDataset,
+    box_coverage,
+    map_loss,
     FeatureCache,
     evaluate_dataset,
     flip_box,
@@ -44,29 +46,6 @@ from .regression import (
     set_threads,
     split_key,
 )
-
-
-def box_coverage(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Fraction of each cell of an ``h x w`` grid over ``[0, 1]^2`` covered by each box: ``(B, h, w)``."""
-    ex = torch.linspace(0, 1, w + 1, device=boxes.device, dtype=boxes.dtype)
-    ey = torch.linspace(0, 1, h + 1, device=boxes.device, dtype=boxes.dtype)
-    x1, y1, x2, y2 = (boxes[:, i : i + 1] for i in range(4))
-    cx = (torch.minimum(x2, ex[1:]) - torch.maximum(x1, ex[:-1])).clamp(min=0) * w
-    cy = (torch.minimum(y2, ey[1:]) - torch.maximum(y1, ey[:-1])).clamp(min=0) * h
-    return cy[:, :, None] * cx[:, None, :]
-
-
-def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Mean soft Dice loss over the batch of ``(B, H, W)`` maps."""
-    inter = (prob * target).flatten(1).sum(1)
-    denom = prob.flatten(1).sum(1) + target.flatten(1).sum(1)
-    return (1 - (2 * inter + eps) / (denom + eps)).mean()
-
-
-def map_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE + Dice of map logits against soft targets."""
-    logits = logits.float()
-    return F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits.sigmoid(), target)
 
 
 # --------------------------------------------------------------------------- masks

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ...backbone import ClipBackbone
@@ -38,7 +39,7 @@ from ..config import TrainConfig, load_config
 from ..trainer import Trainer
 from . import TrainArgs, register_recipe
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 # --------------------------------------------------------------------------- data
 
@@ -137,6 +138,7 @@ class FeatureCache:
         sizes: ``(N, 2)`` original ``(width, height)``.
         img_embed: ``(N, D)`` pooled image embeddings.
         patches: ``(N, P, Dv)`` last-layer patch tokens (float16).
+        patch_embeds: ``(N, P, D)`` patch tokens projected to the joint space (float16).
         texts: the prompted phrases (index = text id).
         txt_embed: ``(E, D)`` pooled text embeddings.
         txt_tokens: ``(E, L, Dt)`` token states (float16), padded to the longest phrase.
@@ -148,6 +150,7 @@ class FeatureCache:
     sizes: torch.Tensor
     img_embed: torch.Tensor
     patches: torch.Tensor
+    patch_embeds: torch.Tensor
     texts: list[str]
     txt_embed: torch.Tensor
     txt_tokens: torch.Tensor
@@ -225,7 +228,8 @@ def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecor
         pil = [load_keyed_image(k) for k in keys]
         sizes = torch.tensor([im.size for im in pil], dtype=torch.int64)
         f = backbone.encode_images([clip_square_input(backbone, im)[0] for im in pil])
-        return {"sizes": sizes, "img_embed": f.embeds.float().cpu(), "patches": f.patch_tokens.half().cpu()}
+        return {"sizes": sizes, "img_embed": f.embeds.float().cpu(), "patches": f.patch_tokens.half().cpu(),
+                "patch_embeds": f.patch_embeds.half().cpu()}
 
     def enc_texts(ts: Sequence[str]) -> dict[str, torch.Tensor]:
         f = backbone.encode_texts(list(ts))
@@ -245,6 +249,7 @@ def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecor
         sizes=torch.cat([p["sizes"] for p in ip]),
         img_embed=torch.cat([p["img_embed"] for p in ip]),
         patches=torch.cat([p["patches"] for p in ip]),
+        patch_embeds=torch.cat([p["patch_embeds"] for p in ip]),
         texts=texts,
         txt_embed=torch.cat([p["txt_embed"] for p in tp]),
         txt_tokens=tokens,
@@ -267,6 +272,7 @@ class Batch:
 
     img_embed: torch.Tensor
     patches: torch.Tensor
+    patch_embeds: torch.Tensor
     txt_embed: torch.Tensor
     txt_tokens: torch.Tensor
     txt_mask: torch.Tensor
@@ -279,7 +285,7 @@ class Batch:
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """Positional inputs of the fusion / locator networks."""
-        return self.img_embed, self.patches, self.txt_embed, self.txt_tokens, self.txt_mask
+        return self.img_embed, self.patches, self.patch_embeds, self.txt_embed, self.txt_tokens, self.txt_mask
 
     def to(self, device: torch.device | str, **kwargs: Any) -> "Batch":
         """Move every tensor (accelerate calls this to place batches on the device)."""
@@ -328,12 +334,36 @@ class CachedGroundingDataset(torch.utils.data.Dataset):
         if self.masks is not None and all(self.masks[i] is not None for i in idx):
             masks = torch.stack([self.masks[i] for i in idx]).float()
         return Batch(
-            img_embed=c.img_embed[ii], patches=c.patches[ii].float(), txt_embed=c.txt_embed[tt],
+            img_embed=c.img_embed[ii], patches=c.patches[ii].float(), patch_embeds=c.patch_embeds[ii].float(),
+            txt_embed=c.txt_embed[tt],
             txt_tokens=c.txt_tokens[tt, :width].float(),
             txt_mask=torch.arange(width)[None] < lens[:, None],
             boxes=self.boxes[ix], pixel_boxes=self.pixel_boxes[ix], scale=self.scale[ix], offset=self.offset[ix],
             sizes=c.sizes[ii], masks=masks,
         )
+
+
+def box_coverage(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Fraction of each cell of an ``h x w`` grid over ``[0, 1]^2`` covered by each box: ``(B, h, w)``."""
+    ex = torch.linspace(0, 1, w + 1, device=boxes.device, dtype=boxes.dtype)
+    ey = torch.linspace(0, 1, h + 1, device=boxes.device, dtype=boxes.dtype)
+    x1, y1, x2, y2 = (boxes[:, i : i + 1] for i in range(4))
+    cx = (torch.minimum(x2, ex[1:]) - torch.maximum(x1, ex[:-1])).clamp(min=0) * w
+    cy = (torch.minimum(y2, ey[1:]) - torch.maximum(y1, ey[:-1])).clamp(min=0) * h
+    return cy[:, :, None] * cx[:, None, :]
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Mean soft Dice loss over the batch of ``(B, H, W)`` maps."""
+    inter = (prob * target).flatten(1).sum(1)
+    denom = prob.flatten(1).sum(1) + target.flatten(1).sum(1)
+    return (1 - (2 * inter + eps) / (denom + eps)).mean()
+
+
+def map_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + Dice of map logits against soft targets."""
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits.sigmoid(), target)
 
 
 def pixel_boxes(norm: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -376,11 +406,13 @@ def subset(records: list[GroundingRecord], limit: int, seed: int = 0) -> list[Gr
 
 @dataclass
 class FusionLossConfig:
-    """Loss weights: Smooth L1 and GIoU on normalized boxes, and the IoU-quality head."""
+    """Loss weights: Smooth L1 and GIoU on normalized boxes, the IoU-quality head, and the
+    auxiliary per-patch map (BCE + Dice against the box's patch coverage)."""
 
     l1: float = 5.0
     giou: float = 2.0
     quality: float = 1.0
+    patch_map: float = 1.0
 
 
 @dataclass
@@ -414,7 +446,15 @@ def fusion_loss(weights: FusionLossConfig) -> Callable[[torch.nn.Module, Batch],
             iou = paired_iou(out.boxes.detach().float().clamp(0, 1), batch.boxes.clamp(0, 1))
         q = torch.nn.functional.binary_cross_entropy_with_logits(out.quality.float(), iou)
         loss = weights.l1 * l1 + weights.giou * giou + weights.quality * q
-        return loss, {"l1": l1.detach(), "giou": giou.detach(), "quality": q.detach(), "iou": iou.mean()}
+        metrics = {"l1": l1.detach(), "giou": giou.detach(), "quality": q.detach(), "iou": iou.mean()}
+        if weights.patch_map > 0:
+            b, p = out.patch_logits.shape
+            side = int(round(p ** 0.5))
+            target = box_coverage(batch.boxes, side, p // side).flatten(1)
+            pm = map_loss(out.patch_logits, target)
+            loss = loss + weights.patch_map * pm
+            metrics["patch_map"] = pm.detach()
+        return loss, metrics
 
     return loss_fn
 
