@@ -30,7 +30,9 @@ def pretrain(
 
     quiet_transformers()
     cfg = load_pretrain_config(config, list(overrides or []))
-    command = "clipground " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "clipground pretrain"
+    # --resume is left out of the recorded command: a resumed run ends with the same weights.
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    command = "clipground " + " ".join(shlex.quote(a) for a in argv) if argv else "clipground pretrain"
     result = run_pretrain(world, out, cfg, resume=resume, command=command)
     from accelerate import PartialState
 
