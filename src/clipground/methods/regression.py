@@ -7,7 +7,10 @@ given learned type (REG / image / text) and position embeddings, and fused by a
 Transformer encoder together with a learned ``[REG]`` token. An MLP with LeakyReLU on the
 ``[REG]`` output predicts ``(cx, cy, w, h)`` through a sigmoid, converted to
 ``(x_min, y_min, x_max, y_max)`` (so ``min < max`` by construction), plus a quality logit
-(the predicted IoU of its own box, used as the score).
+(the predicted IoU of its own box, used as the score). With ``anchor`` (default) the centre
+is instead the soft-argmax of per-patch target scores (a linear head on the fused patch
+tokens) plus the MLP's offset: a pure [REG] regressor sat at the mean box for 850 steps
+(~4 epochs) in the world, the anchored one starts moving at once.
 
 The phrase also enters before fusion, cheaply: each patch token is modulated
 multiplicatively by the phrase embedding (FiLM-style) and gets CLIP's own patch-phrase
@@ -105,6 +108,8 @@ class FusionRegressorConfig(MethodConfig):
         head_hidden: hidden width of the box MLP.
         similarity: add each patch's CLIP similarity to the phrase as an input feature.
         film: modulate patch tokens multiplicatively by the phrase embedding before fusion.
+        anchor: regress the box centre as an offset from the soft-argmax of the per-patch
+            target scores (else the [REG] MLP predicts it from scratch).
         prompt: template the phrase is put in before text encoding.
     """
 
@@ -116,6 +121,7 @@ class FusionRegressorConfig(MethodConfig):
     head_hidden: int = 256
     similarity: bool = True
     film: bool = True
+    anchor: bool = True
     prompt: str = "{}"
 
 
@@ -153,6 +159,11 @@ class FusionHead(nn.Module):
         self.patch_head = nn.Linear(d, 1)
         self.sim_in = nn.Linear(2, d) if cfg.similarity else None
         self.film = nn.Linear(embed_dim, d) if cfg.film else None
+        self.anchor = cfg.anchor
+        side = int(round(num_patches ** 0.5))
+        gh, gw = (side, num_patches // side) if side * (num_patches // side) == num_patches else (1, num_patches)
+        ys, xs = torch.meshgrid((torch.arange(gh) + 0.5) / gh, (torch.arange(gw) + 0.5) / gw, indexing="ij")
+        self.register_buffer("centers", torch.stack([xs.flatten(), ys.flatten()], -1), persistent=False)
 
     def forward(self, img_embed: torch.Tensor, patches: torch.Tensor, patch_embeds: torch.Tensor,
                 txt_embed: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> FusionOutput:
@@ -176,7 +187,14 @@ class FusionHead(nn.Module):
         keep = torch.cat([torch.ones(b, 3 + p, dtype=torch.bool, device=x.device), txt_mask.bool()], 1)
         x = self.encoder(x, src_key_padding_mask=~keep)
         out = self.head(x[:, 0])
-        return FusionOutput(cxcywh_to_xyxy(out[:, :4]), out[:, 4], self.patch_head(x[:, 2 : 2 + p])[..., 0])
+        patch_logits = self.patch_head(x[:, 2 : 2 + p])[..., 0]
+        if not self.anchor:
+            return FusionOutput(cxcywh_to_xyxy(out[:, :4]), out[:, 4], patch_logits)
+        # Soft-argmax anchor: the score-weighted mean of patch centres, plus a learned offset.
+        c = patch_logits.float().softmax(-1) @ self.centers[:p]
+        cxcy = c + out[:, :2]
+        wh = out[:, 2:4].sigmoid()
+        return FusionOutput(torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1), out[:, 4], patch_logits)
 
 
 @register_method
