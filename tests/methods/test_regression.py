@@ -183,3 +183,32 @@ def test_flip_augmentation_keeps_expressions_true(tmp_path: Path, tiny_clip_dir:
     bb = ClipBackbone.from_pretrained(tiny_clip_dir)
     cache = build_feature_cache(bb, aug, progress=False)
     assert len(cache.images) == 6 and not torch.equal(cache.patches[0], cache.patches[2])
+
+
+def test_tiled_features_assemble_a_finer_grid(tmp_path: Path, tiny_clip_dir: Path, small_cfg: FusionRecipeConfig) -> None:
+    from clipground.methods.regression import encode_square_images, patch_grid, square_views
+
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)  # 32 px input, 8 px patches: a 4x4 grid
+    img = Image.new("RGB", (64, 48), (128, 128, 128))
+    ImageDraw.Draw(img).rectangle([40, 5, 60, 25], fill=(220, 30, 30))
+    views, geom = square_views(bb, img, tiles=2)
+    assert len(views) == 5 and all(v.size == (32, 32) for v in views[1:]) and geom.scale_x == 64
+    f = encode_square_images(bb, [img], tiles=2)
+    assert f["grid"] == (8, 8) == patch_grid(bb, 2) and f["patches"].shape[1] == 64
+    # The top-right tile's own patches sit in rows 0-3, columns 4-7 of the assembled grid.
+    direct = bb.encode_images([views[2]]).patch_tokens[0].reshape(4, 4, -1)
+    grid = f["patches"][0].reshape(8, 8, -1)
+    assert torch.allclose(grid[:4, 4:], direct, atol=1e-5)
+    assert not torch.allclose(grid[:4, :4], direct, atol=1e-3)
+    # A tiled model trains and predicts end to end; a cache of another tiling is refused.
+    recs = make_scenes(tmp_path, n=2)
+    small_cfg.model.tiles, small_cfg.train.max_steps, small_cfg.train.batch_size = 2, 2, 4
+    small_cfg.train.output_dir = str(tmp_path / "run")
+    cache = build_feature_cache(bb, recs, progress=False, tiles=2)
+    method, _ = train_fusion_regressor(small_cfg, bb, recs, [], cache)
+    p = Grounder(method)(recs[0].image, "the red box")
+    assert 0 <= p.box[0] < p.box[2] <= 48
+    from clipground.errors import ClipgroundError
+
+    with pytest.raises(ClipgroundError, match="tiles"):
+        train_fusion_regressor(small_cfg, bb, recs, [], build_feature_cache(bb, recs, progress=False))

@@ -58,6 +58,7 @@ class LocatorConfig(MethodConfig):
         moment_power: exponent applied to map probabilities before taking box moments.
         similarity: add each patch's CLIP similarity to the phrase as an input feature.
         film: modulate patch tokens multiplicatively by the phrase embedding.
+        tiles: encode ``tiles x tiles`` tiles too, for a finer patch grid (as the fusion regressor).
         prompt: template the phrase is put in before text encoding.
     """
 
@@ -71,6 +72,7 @@ class LocatorConfig(MethodConfig):
     moment_power: float = 4.0
     similarity: bool = True
     film: bool = True
+    tiles: int = 1
     prompt: str = "{}"
 
 
@@ -201,10 +203,10 @@ class Locator(GroundingMethod):
     def __init__(self, backbone: ClipBackbone, config: LocatorConfig | None = None):
         super().__init__(backbone, config)
         self.net = LocatorNet(self.config, backbone.vision_width, backbone.text_width, backbone.embed_dim,
-                              patch_grid(backbone))
+                              patch_grid(backbone, self.config.tiles))
 
     def encode_image(self, state: ImageState) -> None:
-        state.features.update(encode_square_image(self.backbone, state.image))
+        state.features.update(encode_square_image(self.backbone, state.image, self.config.tiles))
 
     def forward_phrases(self, state: ImageState, phrases: list[str]) -> LocatorOutput:
         """Network outputs for phrases in the encoded image (maps in model-input coordinates)."""

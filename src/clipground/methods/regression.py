@@ -32,6 +32,7 @@ mean box for hundreds of steps before it starts to match phrases to patches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,20 +41,75 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import ClipBackbone, TextFeatures
-from ..heatmaps import InputGeometry, clip_square_input
+from ..heatmaps import InputGeometry, clip_square_input, crop_fraction
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
 
 
-def encode_square_image(backbone: ClipBackbone, image: Any) -> dict[str, Any]:
-    """Frozen CLIP features of the padded-square image (shared by the dense methods).
+def square_views(backbone: ClipBackbone, image: Any, tiles: int = 1) -> tuple[list[Any], InputGeometry]:
+    """The padded square and, with ``tiles > 1``, its ``tiles x tiles`` tiles (row-major).
 
-    Returns ``{"img_embed": (D,), "patches": (P, Dv), "patch_embeds": (P, D), "grid": (h, w),
-    "geometry": InputGeometry}``.
+    Each tile is cut so that what the processor keeps after its centre crop is exactly the
+    tile (enlarged by ``1 / crop_fraction`` around the tile centre, padded with the mean
+    colour), so the tiles' patch grids abut into one ``tiles``-times finer grid.
     """
+    from PIL import Image
+
     sq, geom = clip_square_input(backbone, image)
-    f = backbone.encode_images([sq])
-    return {"img_embed": f.embeds[0], "patches": f.patch_tokens[0], "patch_embeds": f.patch_embeds[0], "grid": f.grid,
-            "geometry": geom}
+    if tiles <= 1:
+        return [sq], geom
+    side = sq.size[0]
+    frac = crop_fraction(backbone.processor.image_processor)
+    half = side / tiles / 2 / frac
+    fill = tuple(int(round(255 * c)) for c in (getattr(backbone.processor.image_processor, "image_mean", None)
+                                                 or (0.5, 0.5, 0.5)))
+    m = int(half) + 2
+    canvas = Image.new("RGB", (side + 2 * m, side + 2 * m), fill)
+    canvas.paste(sq, (m, m))
+    views = [sq]
+    for i in range(tiles):
+        for j in range(tiles):
+            cx, cy = (j + 0.5) * side / tiles + m, (i + 0.5) * side / tiles + m
+            views.append(canvas.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half))))
+    return views, geom
+
+
+def encode_square_images(backbone: ClipBackbone, images: Sequence[Any], tiles: int = 1) -> dict[str, Any]:
+    """Frozen CLIP features of padded-square images, optionally tiled (shared by the dense methods).
+
+    With ``tiles = t > 1`` each image is also cut into ``t x t`` tiles encoded at the
+    checkpoint's native resolution; their patch tokens are re-assembled into one
+    ``(t*h) x (t*w)`` grid (row-major), a ``t``-times finer view than the whole image gives
+    (small objects span few patches otherwise). ``img_embed`` is always the whole image's.
+
+    Returns ``{"img_embed": (N, D), "patches": (N, P, Dv), "patch_embeds": (N, P, D),
+    "grid": (H, W), "geometry": [InputGeometry] * N}``.
+    """
+    views, geoms = [], []
+    for im in images:
+        v, g = square_views(backbone, im, tiles)
+        views += v
+        geoms.append(g)
+    f = backbone.encode_images(views)
+    n, per = len(images), len(views) // max(len(images), 1)
+    gh, gw = f.grid
+
+    def assemble(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(n, per, *x.shape[1:])
+        if tiles <= 1:
+            return x[:, 0]
+        t = x[:, 1:].reshape(n, tiles, tiles, gh, gw, -1).permute(0, 1, 3, 2, 4, 5)
+        return t.reshape(n, tiles * gh * tiles * gw, -1)
+
+    return {"img_embed": f.embeds.reshape(n, per, -1)[:, 0], "patches": assemble(f.patch_tokens),
+            "patch_embeds": assemble(f.patch_embeds), "grid": (gh * max(tiles, 1), gw * max(tiles, 1)),
+            "geometry": geoms}
+
+
+def encode_square_image(backbone: ClipBackbone, image: Any, tiles: int = 1) -> dict[str, Any]:
+    """:func:`encode_square_images` for one image, unbatched: ``img_embed (D,)``, ``patches (P, Dv)``, ..."""
+    f = encode_square_images(backbone, [image], tiles)
+    return {"img_embed": f["img_embed"][0], "patches": f["patches"][0], "patch_embeds": f["patch_embeds"][0],
+            "grid": f["grid"], "geometry": f["geometry"][0]}
 
 
 def patch_text_similarity(patch_embeds: torch.Tensor, txt_embed: torch.Tensor) -> torch.Tensor:
@@ -73,10 +129,10 @@ def encode_phrases(backbone: ClipBackbone, phrases: list[str], prompt: str = "{}
     return backbone.encode_texts([prompt.format(p) for p in phrases])
 
 
-def patch_grid(backbone: ClipBackbone) -> tuple[int, int]:
-    """``(h, w)`` of the backbone's patch grid, from its config."""
+def patch_grid(backbone: ClipBackbone, tiles: int = 1) -> tuple[int, int]:
+    """``(h, w)`` of the (tiled) patch grid, from the backbone's config."""
     vc = backbone.model.config.vision_config
-    side = int(vc.image_size) // int(vc.patch_size)
+    side = int(vc.image_size) // int(vc.patch_size) * max(tiles, 1)
     return side, side
 
 
@@ -110,6 +166,8 @@ class FusionRegressorConfig(MethodConfig):
         film: modulate patch tokens multiplicatively by the phrase embedding before fusion.
         anchor: regress the box centre as an offset from the soft-argmax of the per-patch
             target scores (else the [REG] MLP predicts it from scratch).
+        tiles: also encode the image as ``tiles x tiles`` tiles for a finer patch grid
+            (see :func:`encode_square_images`); 1 = the whole image only.
         prompt: template the phrase is put in before text encoding.
     """
 
@@ -122,6 +180,7 @@ class FusionRegressorConfig(MethodConfig):
     similarity: bool = True
     film: bool = True
     anchor: bool = True
+    tiles: int = 1
     prompt: str = "{}"
 
 
@@ -208,12 +267,12 @@ class FusionRegressor(GroundingMethod):
 
     def __init__(self, backbone: ClipBackbone, config: FusionRegressorConfig | None = None):
         super().__init__(backbone, config)
-        gh, gw = patch_grid(backbone)
+        gh, gw = patch_grid(backbone, self.config.tiles)
         self.fusion = FusionHead(self.config, backbone.vision_width, backbone.text_width, backbone.embed_dim,
                                  gh * gw, backbone.max_text_tokens)
 
     def encode_image(self, state: ImageState) -> None:
-        state.features.update(encode_square_image(self.backbone, state.image))
+        state.features.update(encode_square_image(self.backbone, state.image, self.config.tiles))
 
     def rank(self, state: ImageState, phrases: list[str]) -> list[Ranking]:
         if not phrases:

@@ -274,6 +274,13 @@ class ProposalAttentionConfig(MethodConfig):
             relation resolver's grammar), add both as tokens and give every proposal its
             cosine with each: what ReCLIP asks CLIP, while the Transformer learns the
             spatial logic from data instead of rules.
+        ranked_similarity: give each proposal, for the phrase and its noun phrases, its
+            view-averaged similarity relative to the image's best proposal (scaled by a learned
+            temperature) and its softmax over the image's proposals: "is this the best match
+            here", which raw cosines of a frozen CLIP only say in tiny differences.
+        relative_geometry: add a learned per-head attention bias between every two
+            proposals from their relative geometry (centre offsets, size ratios, IoU), so
+            "left of", "closest to" and "second from the left" are one attention hop away.
     """
 
     views: tuple[str, ...] = ("crop", "blur")
@@ -285,6 +292,29 @@ class ProposalAttentionConfig(MethodConfig):
     interactions: bool = True
     image_token: bool = True
     noun_phrases: bool = True
+    relative_geometry: bool = True
+    ranked_similarity: bool = True
+
+
+#: Columns of :func:`pairwise_geometry`.
+PAIR_DIM = 7
+
+
+def pairwise_geometry(g: torch.Tensor) -> torch.Tensor:
+    """``(B, K, K, 7)`` relation of proposal ``j`` to proposal ``i`` from normalized geometry ``(B, K, 7)``:
+    centre offsets ``dx, dy`` (image units), their signs, log width/height ratios and IoU."""
+    x1, y1, x2, y2 = g[..., 0], g[..., 1], g[..., 2], g[..., 3]
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    w, h = (x2 - x1).clamp(min=1e-4), (y2 - y1).clamp(min=1e-4)
+    dx = cx[:, None, :] - cx[:, :, None]
+    dy = cy[:, None, :] - cy[:, :, None]
+    lw = torch.log(w[:, None, :] / w[:, :, None])
+    lh = torch.log(h[:, None, :] / h[:, :, None])
+    iw = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp(min=0)
+    ih = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp(min=0)
+    inter = iw * ih
+    iou = inter / (w[:, :, None] * h[:, :, None] + w[:, None, :] * h[:, None, :] - inter).clamp(min=1e-8)
+    return torch.stack([dx, dy, torch.tanh(20 * dx), torch.tanh(20 * dy), lw, lh, iou], dim=-1)
 
 
 class _GeometryEmbedding(nn.Module):
@@ -317,6 +347,8 @@ class ProposalAttention(_FrozenFeatureScorer):
         self.needs_tokens = bool(c.text_tokens)
         v, d, dm = len(c.views), backbone.embed_dim, c.d_model
         prop_in = v * d + (v * d + v if c.interactions else 0) + (2 * v + 2 if c.noun_phrases else 0)
+        prop_in += 6 if c.ranked_similarity else 0
+        self.log_temp = nn.Parameter(torch.tensor(float(backbone.model.logit_scale.detach())))
         self.prop_proj = nn.Sequential(nn.Linear(prop_in, dm), nn.LayerNorm(dm))
         self.geom = _GeometryEmbedding(dm)
         self.text_proj = nn.Sequential(nn.Linear(d, dm), nn.LayerNorm(dm))
@@ -334,6 +366,31 @@ class ProposalAttention(_FrozenFeatureScorer):
         self.encoder = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dm)
         self.head = nn.Sequential(nn.Linear(dm, dm), nn.GELU(), nn.Linear(dm, 1))
+        if c.relative_geometry:
+            self.rel_bias = nn.Sequential(nn.Linear(PAIR_DIM, 64), nn.GELU(), nn.Linear(64, c.heads))
+
+    def _ranked_similarity(self, views: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, K, 6)``: for phrase, subject and object, ``T (s_k - max_j s_j)`` and ``softmax_k(T s)``."""
+        mask = batch["mask"]
+        texts = torch.cat([batch["text"][:, None], batch["nps"]], 1)  # (B, 3, D)
+        present = torch.cat([torch.ones_like(batch["np_mask"][:, :1]), batch["np_mask"]], 1)  # (B, 3)
+        sim = torch.einsum("bkvd,bnd->bkn", views, texts) / views.shape[2]
+        z = self.log_temp.exp().clamp(max=100.0) * sim
+        z = z.masked_fill(~mask[..., None], -1e4)
+        rel = (z - z.max(1, keepdim=True).values).clamp(min=-20.0) / 20.0 + 1.0
+        prob = z.softmax(1)
+        out = torch.cat([rel, prob], -1) * torch.cat([present, present], -1)[:, None, :].float()
+        return out.masked_fill(~mask[..., None], 0.0)
+
+    def _attention_mask(self, geom: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+        """Float attention mask ``(B*H, S, S)``: relative-geometry bias among proposals, -inf on padding keys."""
+        b, s = valid.shape
+        h = self.config.heads
+        bias = geom.new_zeros(b, h, s, s)
+        if self.config.relative_geometry and k:
+            bias[:, :, :k, :k] = self.rel_bias(pairwise_geometry(geom)).permute(0, 3, 1, 2)
+        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
+        return bias.reshape(b * h, s, s)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B, K)`` logits over the proposals of each (image, phrase) pair."""
@@ -346,6 +403,8 @@ class ProposalAttention(_FrozenFeatureScorer):
             parts += [prod.reshape(b, k, v * d), prod.sum(-1)]
         if c.noun_phrases:
             parts += _np_features(views, batch)
+        if c.ranked_similarity:
+            parts.append(self._ranked_similarity(views, batch))
         props = self.prop_proj(torch.cat(parts, -1)) + self.geom(batch["geom"]) + self.type_emb[0]
         seq = [props, (self.text_proj(text) + self.type_emb[1])[:, None]]
         masks = [mask, torch.ones(b, 1, dtype=torch.bool, device=mask.device)]
@@ -360,7 +419,8 @@ class ProposalAttention(_FrozenFeatureScorer):
         if c.noun_phrases:
             seq.append(self.np_proj(batch["nps"]) + self.type_emb[4:6])
             masks.append(batch["np_mask"])
-        x = self.encoder(torch.cat(seq, 1), src_key_padding_mask=~torch.cat(masks, 1))
+        valid = torch.cat(masks, 1)
+        x = self.encoder(torch.cat(seq, 1), mask=self._attention_mask(batch["geom"], valid, k))
         logits = self.head(self.norm(x[:, :k])).squeeze(-1)
         return logits.masked_fill(~mask, _NEG)
 
@@ -579,6 +639,7 @@ class Flyp(_BackboneTuner, ZeroShotScorer):
 
 __all__ = [
     "GEOMETRY_DIM",
+    "PAIR_DIM",
     "ClipFinetune",
     "ClipFinetuneConfig",
     "Flyp",

@@ -110,7 +110,7 @@ class PretrainConfig:
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         output_dir="runs/pretrain_world_clip", batch_size=16, lr=1e-3, weight_decay=0.05, warmup_steps=50,
-        max_steps=900, log_every=10, save_every=50, eval_every=300))
+        max_steps=600, log_every=10, save_every=50, eval_every=200))
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     data: RegionDataConfig = field(default_factory=RegionDataConfig)
     world: WorldConfig = field(default_factory=WorldConfig)

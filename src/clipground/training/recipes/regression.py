@@ -32,9 +32,9 @@ from safetensors.torch import load_file, save_file
 from ...backbone import ClipBackbone
 from ...data.records import GroundingRecord
 from ...errors import BadAnnotationError, ClipgroundError
-from ...heatmaps import clip_square_input, crop_fraction
+from ...heatmaps import crop_fraction
 from ...images import load_image
-from ...methods.regression import FusionRegressor, FusionRegressorConfig, box_losses
+from ...methods.regression import FusionRegressor, FusionRegressorConfig, box_losses, encode_square_images
 from ..config import TrainConfig, load_config
 from ..trainer import Trainer
 from . import TrainArgs, register_recipe
@@ -144,6 +144,7 @@ class FeatureCache:
         txt_tokens: ``(E, L, Dt)`` token states (float16), padded to the longest phrase.
         txt_len: ``(E,)`` number of real tokens.
         fraction: the processor's crop fraction (for :func:`square_geometry`).
+        tiles: the tiling the image features were computed with.
     """
 
     images: list[str]
@@ -156,6 +157,7 @@ class FeatureCache:
     txt_tokens: torch.Tensor
     txt_len: torch.Tensor
     fraction: float = 1.0
+    tiles: int = 1
     image_index: dict[str, int] = field(default_factory=dict)
     text_index: dict[str, int] = field(default_factory=dict)
 
@@ -196,17 +198,18 @@ def _chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecord], prompt: str = "{}",
                         cache_dir: str | os.PathLike | None = None, chunk: int = 256,
-                        progress: bool = True) -> FeatureCache:
+                        progress: bool = True, tiles: int = 1) -> FeatureCache:
     """Encode each distinct image and phrase of ``records`` once (resumable on disk).
 
-    With ``cache_dir=None`` everything stays in memory.
+    With ``cache_dir=None`` everything stays in memory. ``tiles`` as in
+    :func:`~clipground.methods.regression.encode_square_images`.
     """
     from tqdm.auto import tqdm
 
     images = list(dict.fromkeys(r.image for r in records))
     texts = list(dict.fromkeys(prompt.format(r.expression) for r in records))
     key_src = json.dumps({"v": CACHE_VERSION, "bb": _backbone_fingerprint(backbone), "images": images,
-                          "texts": texts})
+                          "texts": texts, "tiles": tiles})
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else None
 
@@ -227,9 +230,9 @@ def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecor
     def enc_images(keys: Sequence[str]) -> dict[str, torch.Tensor]:
         pil = [load_keyed_image(k) for k in keys]
         sizes = torch.tensor([im.size for im in pil], dtype=torch.int64)
-        f = backbone.encode_images([clip_square_input(backbone, im)[0] for im in pil])
-        return {"sizes": sizes, "img_embed": f.embeds.float().cpu(), "patches": f.patch_tokens.half().cpu(),
-                "patch_embeds": f.patch_embeds.half().cpu()}
+        f = encode_square_images(backbone, pil, tiles)
+        return {"sizes": sizes, "img_embed": f["img_embed"].float().cpu(), "patches": f["patches"].half().cpu(),
+                "patch_embeds": f["patch_embeds"].half().cpu()}
 
     def enc_texts(ts: Sequence[str]) -> dict[str, torch.Tensor]:
         f = backbone.encode_texts(list(ts))
@@ -255,6 +258,7 @@ def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecor
         txt_tokens=tokens,
         txt_len=torch.cat([p["txt_len"] for p in tp]),
         fraction=crop_fraction(backbone.processor.image_processor),
+        tiles=max(tiles, 1),
     )
 
 
@@ -366,6 +370,12 @@ def map_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits.sigmoid(), target)
 
 
+def check_tiles(cache: FeatureCache, tiles: int) -> None:
+    """Refuse to train a model on features of a different tiling."""
+    if cache.tiles != max(tiles, 1):
+        raise ClipgroundError(f"feature cache was built with tiles={cache.tiles} but the model has tiles={tiles}")
+
+
 def pixel_boxes(norm: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Normalized predictions -> original pixels, clipped to each image (as inference does)."""
     px = norm.clamp(0, 1) * batch.scale[:, None] + batch.offset[:, None]
@@ -460,7 +470,7 @@ def fusion_loss(weights: FusionLossConfig) -> Callable[[torch.nn.Module, Batch],
 
 
 def prepare_data(args: TrainArgs, backbone: ClipBackbone, prompt: str, eval_limit: int, seed: int,
-                 flips: Sequence[str] = (), progress: bool = True
+                 flips: Sequence[str] = (), progress: bool = True, tiles: int = 1
                  ) -> tuple[list[GroundingRecord], list[GroundingRecord], FeatureCache]:
     """Load train (+ flips) / val records and build (or reuse) their feature cache.
 
@@ -472,7 +482,7 @@ def prepare_data(args: TrainArgs, backbone: ClipBackbone, prompt: str, eval_limi
         val_path = str(Path(args.train) / "val.jsonl")
     val = subset(load_split(val_path, args.images, "val"), eval_limit, seed) if val_path else []
     cache_dir = Path(args.cache) if args.cache else Path(args.out) / "feature_cache"
-    cache = build_feature_cache(backbone, train + val, prompt, cache_dir, progress=progress)
+    cache = build_feature_cache(backbone, train + val, prompt, cache_dir, progress=progress, tiles=tiles)
     return train, val, cache
 
 
@@ -480,6 +490,7 @@ def train_fusion_regressor(cfg: FusionRecipeConfig, backbone: ClipBackbone, trai
                            val: list[GroundingRecord], cache: FeatureCache, resume: bool = False,
                            stop_after_steps: int | None = None) -> tuple[FusionRegressor, Any]:
     """Train a :class:`FusionRegressor` on cached features; returns the method and the trainer result."""
+    check_tiles(cache, cfg.model.tiles)
     torch.manual_seed(cfg.train.seed)
     method = FusionRegressor(backbone, cfg.model)
     ds = CachedGroundingDataset(cache, train, cfg.model.prompt)
@@ -534,7 +545,7 @@ def run(args: TrainArgs) -> Path:
     set_threads(cfg.num_threads)
     backbone = load_backbone(args)
     train, val, cache = prepare_data(args, backbone, cfg.model.prompt, cfg.eval_limit, cfg.train.seed,
-                                     flips=cfg.flips, progress=cfg.train.progress)
+                                     flips=cfg.flips, progress=cfg.train.progress, tiles=cfg.model.tiles)
     if len(train) < cfg.train.batch_size and cfg.train.drop_last:
         raise ClipgroundError(f"only {len(train)} training records for batch_size {cfg.train.batch_size}; "
                               f"lower batch_size (e.g. batch_size={max(1, len(train))})")
