@@ -6,7 +6,8 @@ the spatial part with rules on box geometry. We do the same with a small keyword
 grammar that covers the common English forms:
 
 * superlatives: "the leftmost cup", "the cup on the left", "the biggest dog",
-  "the green star at the top", "the middle car";
+  "the green star at the top", "the middle car"; optionally size adjectives ("the large
+  blue square", "the small dog") as the biggest / smallest of their noun phrase;
 * ordinals: "the second cup from the left";
 * relations: "the cup left of the plate", "the dog closest to the man",
   "the lamp above the table", "the bag farthest from the door".
@@ -51,6 +52,15 @@ _SUPERLATIVES = [
     (r"\b(?:at|on) the bottom\b(?! of)", "bottom"),
 ]
 
+# Size adjectives are contrastive in referring expressions ("the big dog" is the bigger of
+# the dogs), and a crop shown to CLIP on its own has lost its size: with
+# ``parse(..., size_words=True)`` they are read as superlatives over the candidates of the
+# remaining noun phrase, after every other superlative.
+_SIZE_WORDS = [
+    (r"\b(?:large|big|bigger|larger|huge)\b", "biggest"),
+    (r"\b(?:small|little|smaller|tiny)\b", "smallest"),
+]
+
 _RELATIONS = [
     (r"\b(?:to the left of|on the left of|left of)\b", "left of"),
     (r"\b(?:to the right of|on the right of|right of)\b", "right of"),
@@ -91,8 +101,13 @@ def _clean(np_text: str) -> str:
     return t.strip()
 
 
-def parse(expression: str) -> ParsedExpression:
-    """Split an expression into subject, spatial relation/superlative and object."""
+def parse(expression: str, size_words: bool = False) -> ParsedExpression:
+    """Split an expression into subject, spatial relation/superlative and object.
+
+    ``size_words``: read a size adjective ("the large blue square") as the superlative
+    ``biggest`` / ``smallest`` of the rest of the noun phrase (what the zero-shot resolver
+    does); by default it stays part of the noun phrase (what trained scorers see).
+    """
     text = " ".join(expression.lower().split()).rstrip(".")
     m = _ORDINAL_RE.search(text)
     if m:
@@ -104,7 +119,7 @@ def parse(expression: str) -> ParsedExpression:
             subj, obj = _clean(text[: m.start()]), _clean(text[m.end() :])
             if subj and obj:
                 return ParsedExpression(subj, rel, obj)
-    for pat, key in _SUPERLATIVES:
+    for pat, key in _SUPERLATIVES + (_SIZE_WORDS if size_words else []):
         m = re.search(pat, text)
         if m:
             subject = _clean(text[: m.start()] + " " + text[m.end() :])
@@ -135,13 +150,36 @@ def _exactly_k_beaten(q: torch.Tensor, beats: torch.Tensor, k: int) -> torch.Ten
     return out
 
 
-def _dedupe(boxes: torch.Tensor, sims: torch.Tensor, q: torch.Tensor, min_q: float, iou: float) -> torch.Tensor:
-    """Indices of candidate boxes (q >= min_q) after NMS, so one object counts once."""
+def _containers(boxes: torch.Tensor, inside: float = 0.9, grow: float = 1.5) -> torch.Tensor:
+    """``(K,)`` mask of boxes that enclose another of ``boxes`` (``inside`` of its area within,
+    and at least ``grow`` times its area): a group or context box, not one instance."""
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6)
+    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)  # inter[a, b]
+    encloses = (inter >= inside * area[None, :]) & (area[:, None] >= grow * area[None, :])
+    encloses.fill_diagonal_(False)
+    return encloses.any(1)
+
+
+def _dedupe(boxes: torch.Tensor, sims: torch.Tensor, q: torch.Tensor, min_q: float, iou: float,
+            drop_containers: bool = True) -> torch.Tensor:
+    """Indices of candidate boxes (q >= min_q) after NMS, so one object counts once.
+
+    With ``drop_containers``, a candidate that encloses another candidate is left out (a
+    box around several things matches their noun phrase too, and would otherwise always be
+    "the biggest"); ReCLIP counts on object proposals, which a proposer such as selective
+    search does not guarantee.
+    """
     cand = torch.nonzero(q >= min_q).flatten()
     if len(cand) == 0:
         cand = sims.argmax().reshape(1)
-    keep = nms(boxes[cand], sims[cand], iou)
-    return cand[keep]
+    keep = cand[nms(boxes[cand], sims[cand], iou)]
+    if drop_containers and len(keep) > 1:
+        inner = ~_containers(boxes[keep])
+        if inner.any():
+            keep = keep[inner]
+    return keep
 
 
 def _spread(scores_kept: torch.Tensor, kept: torch.Tensor, boxes: torch.Tensor, q: torch.Tensor, iou: float) -> torch.Tensor:

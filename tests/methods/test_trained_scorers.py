@@ -245,7 +245,13 @@ def test_real_refcocog_format_flows_through(shared_data, tiny_clip_dir, tmp_path
     index = tmp_path / "cache" / "train" / "index.json"
     built = index.read_bytes()
     idx = json.loads(built)
-    assert idx["complete"] and len(idx["images"]) == 1 and len(idx["texts"]) + len(idx["skipped_texts"]) == 4
+    assert idx["complete"] and len(idx["images"]) == 1
+    from clipground.cache import FeatureCache
+    from clipground.data.loaders import load_records
+
+    recs = load_records(str(ann), images=str(images)).records
+    cache = FeatureCache.open(tmp_path / "cache" / "train")
+    assert len(recs) == 4 and all(cache.has_text(r.expression) for r in recs)  # + their noun phrases
     r = CliRunner().invoke(app, ["train", "--method", "proposal-classifier", "--train", str(ann), *common,
                                  "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
                                  "max_steps=3", "batch_size=2", "progress=false", "save_every=0", "hidden=16"])

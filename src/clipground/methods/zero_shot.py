@@ -35,6 +35,9 @@ class ZeroShotConfig(MethodConfig):
     Attributes:
         views: which isolated views to ensemble (``crop``, ``blur``, ``circle``).
         relations: resolve spatial words with geometry rules (ReCLIP-style).
+        size_words: with ``relations``, read size adjectives ("the large blue square") as
+            "the biggest blue square": a crop scored on its own has lost its size, and
+            referring expressions use size contrastively.
         temperature: similarity scale for the resolver's probabilities; ``None`` uses the
             checkpoint's learned CLIP logit scale.
         prompt: template the phrase is put in before text encoding.
@@ -42,6 +45,7 @@ class ZeroShotConfig(MethodConfig):
 
     views: tuple[str, ...] = ("crop", "blur")
     relations: bool = True
+    size_words: bool = True
     temperature: float | None = None
     prompt: str = "{}"
 
@@ -80,7 +84,7 @@ class ZeroShotScorer(GroundingMethod):
         temp = float(self.config.temperature or self.backbone.logit_scale)
         out = []
         for phrase, s in zip(phrases, sims):
-            parsed = parse(phrase) if self.config.relations else None
+            parsed = parse(phrase, size_words=self.config.size_words) if self.config.relations else None
             if parsed is not None and parsed.is_spatial:
                 s = resolve(parsed, boxes, state.size, lambda np_: self.similarity(state, [np_])[0], temperature=temp)
             order = s.argsort(descending=True, stable=True)

@@ -60,7 +60,7 @@ REGION_KINDS = ("object", "part", "loose", "background", "pair")
 class ClipModelConfig:
     """Size of the world CLIP (transformers ``CLIPConfig`` fields, simplified)."""
 
-    image_size: int = 128
+    image_size: int = 64
     patch_size: int = 16
     vision_hidden: int = 192
     vision_layers: int = 4
@@ -68,7 +68,7 @@ class ClipModelConfig:
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
-    mlp_ratio: int = 2
+    mlp_ratio: int = 4
     projection_dim: int = 128
     max_text_tokens: int = 32
     logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
@@ -96,7 +96,7 @@ class EvalConfig:
 
     split: str = "val"
     views: list[str] = field(default_factory=lambda: ["crop", "blur"])
-    max_records: int = 0  # 0 = every attribute record of the split
+    max_records: int = 120  # attribute records of the split scored per eval (0 = all)
     compositional: bool = True  # also report accuracy on the held-out colour-shape pairs
     hard_boxes: int = 4  # per record: part/loose/pair boxes the target's tight box must beat
     per_view: list[str] = field(default_factory=lambda: ["crop", "blur", "circle"])  # single-view accuracies
@@ -109,8 +109,8 @@ class PretrainConfig:
     generated) and ``eval``."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        output_dir="runs/pretrain_world_clip", batch_size=16, lr=1e-3, weight_decay=0.05, warmup_steps=50,
-        max_steps=600, log_every=10, save_every=50, eval_every=200))
+        output_dir="runs/pretrain_world_clip", batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50,
+        max_steps=300, log_every=10, save_every=100, eval_every=50))
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     data: RegionDataConfig = field(default_factory=RegionDataConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
