@@ -451,6 +451,11 @@ def render_section(rows: Sequence[dict[str, Any]], outcomes: Sequence[Outcome], 
         out += [f"![Acc@0.5 by expression type]({png})", ""]
     if curves:
         out += ["Learning curves: " + ", ".join(f"[{n}]({p})" for n, p in curves.items()) + ".", ""]
+    trained = [o for o in outcomes if o.status == "ok" and o.entry.dir and o.entry.train_command]
+    if trained:
+        out += ["The trained entries were made (before this command) by:", ""]
+        out += [f"- {o.entry.name}: `{o.entry.train_command}`" for o in trained]
+        out.append("")
     pending = [o for o in outcomes if o.status != "ok"]
     if pending:
         out += ["Entries without results:", ""]

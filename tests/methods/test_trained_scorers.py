@@ -262,3 +262,35 @@ def test_real_refcocog_format_flows_through(shared_data, tiny_clip_dir, tmp_path
     g = Grounder.from_pretrained(tmp_path / "run" / "final")
     p = g(str(images / "COCO_train2014_000000000309.jpg"), "the teddy bear")
     assert len(p.box) == 4 and g.proposals.name == "selective-search"
+
+
+def test_resolver_prior_is_the_zero_shot_answer_and_trains(data, tiny_clip_dir, tmp_path):
+    """proposal-attention with ``resolver_prior``: the prior it is given ranks the proposals as the
+    zero-shot scorer does (size words kept in the noun phrase), it trains from the cache, and
+    the saved model predicts exactly what the trained one does."""
+    from clipground.methods.zero_shot import ZeroShotScorer
+
+    props = get_proposals(f"file:{data[1]}")
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)
+    cfg = get_method_class("proposal-attention").Config(d_model=32, layers=1, heads=2, resolver_prior=True)
+    pa = get_method_class("proposal-attention")(bb, cfg)
+    zs = ZeroShotScorer(bb, ZeroShotScorer.Config(size_words=False))
+    image = str(Path(data[0]).parent / "im2.png")
+    phrases = ["the red box", "the leftmost box", "the second box from the right", "the blue box left of the red box"]
+    g_pa, g_zs = Grounder(pa, props).set_image(image), Grounder(zs, props).set_image(image)
+    items = pa.feature_items(g_pa.state, phrases)
+    for it, z in zip(items, zs.rank(g_zs.state, phrases)):
+        assert float(it["prior"].max()) == pytest.approx(1.0)
+        boxes = g_pa.state.proposals.boxes
+        assert torch.equal(boxes[int(it["prior"].argmax())], z.boxes[0])
+
+    out = tmp_path / "run"
+    final = _train("proposal-attention", data, tiny_clip_dir, out, extra=["method.resolver_prior=true"])
+    assert json.loads((final / "grounder.json").read_text())["config"]["resolver_prior"] is True
+    losses = _losses(out)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    loaded = Grounder.from_pretrained(final, proposals=props)
+    assert "prior_weight" in dict(loaded.method.named_parameters())
+    a = _predict(loaded, image, phrases)
+    b = _predict(Grounder.from_pretrained(final, proposals=props), image, phrases)
+    assert [p.box for p in a] == [p.box for p in b]

@@ -43,7 +43,7 @@ from torch import nn
 from ..backbone import ClipBackbone
 from ..cache import image_features
 from ..imageops import VIEW_KINDS
-from ..relations import parse
+from ..relations import parse, resolve
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
 from .zero_shot import ZeroShotConfig, ZeroShotScorer
 
@@ -68,6 +68,31 @@ def noun_phrases(expression: str) -> tuple[str, str | None]:
     """
     p = parse(expression)
     return p.subject, p.object
+
+
+def resolver_prior(expression: str, views: torch.Tensor, geom: torch.Tensor, text: torch.Tensor,
+                   nps: torch.Tensor, np_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(K,)`` the zero-shot scorer's answer for one phrase, scaled to a maximum of 1.
+
+    Computed from the same frozen features a scorer sees (view embeddings ``(K, V, D)``,
+    normalized geometry ``(K, 7)``, the phrase embedding and its subject/object embeddings):
+    for a spatial expression the ReCLIP-style resolver on the normalized boxes (size words
+    stay in the noun phrase, as the cached noun phrases are parsed), else
+    ``exp(T (s - max s))`` of the view-averaged cosine ``s``.
+    """
+    p = parse(expression)
+    if not p.is_spatial:
+        s = torch.einsum("kvd,d->k", views, text) / views.shape[1]
+        return torch.exp(temperature * (s - s.max()))
+    by_text = {p.subject: nps[0]}
+    if p.object and bool(np_mask[1]):
+        by_text.setdefault(p.object, nps[1])
+
+    def sim(np_text: str) -> torch.Tensor:
+        return torch.einsum("kvd,d->k", views, by_text.get(np_text, text)) / views.shape[1]
+
+    r = resolve(p, geom[:, :4], (1.0, 1.0), sim, temperature=temperature)
+    return r / r.max().clamp(min=1e-12)
 
 
 def _check_views(views: Sequence[str]) -> None:
@@ -109,6 +134,11 @@ def collate_feature_items(items: Sequence[dict[str, torch.Tensor]]) -> dict[str,
             labels[i, :k] = it["labels"]
     out = {"views": views, "geom": geom, "mask": mask, "tokens": tokens, "tmask": tmask, "labels": labels,
            "text": torch.stack([it["text"] for it in items]), "image": torch.stack([it["image"] for it in items])}
+    if all("prior" in it for it in items):
+        prior = torch.zeros(b, kmax)
+        for i, it in enumerate(items):
+            prior[i, : int(it["views"].shape[0])] = it["prior"]
+        out["prior"] = prior
     if all("nps" in it for it in items):
         out["nps"] = torch.stack([it["nps"] for it in items])
         out["np_mask"] = torch.stack([it["np_mask"] for it in items])
@@ -156,6 +186,10 @@ class _FrozenFeatureScorer(GroundingMethod):
         if getattr(self.config, "noun_phrases", False):
             for it, phrase in zip(items, phrases):
                 it["nps"], it["np_mask"] = self.noun_phrase_embeds(phrase, self.backbone.text_embeds)
+        if getattr(self.config, "resolver_prior", False):
+            temp = float(self.backbone.logit_scale)
+            for it, phrase in zip(items, phrases):
+                it["prior"] = resolver_prior(phrase, views, geom, it["text"], it["nps"], it["np_mask"], temp)
         return items
 
     def noun_phrase_embeds(self, phrase: str, embed: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,6 +315,10 @@ class ProposalAttentionConfig(MethodConfig):
         relative_geometry: add a learned per-head attention bias between every two
             proposals from their relative geometry (centre offsets, size ratios, IoU), so
             "left of", "closest to" and "second from the left" are one attention hop away.
+        resolver_prior: give each proposal the zero-shot scorer's (relation resolver's) score
+            (:func:`resolver_prior`) as an input and add its log to the output logit through a
+            learned weight: the network starts from the zero-shot answer and learns where
+            to overrule it. Needs ``noun_phrases``.
     """
 
     views: tuple[str, ...] = ("crop", "blur")
@@ -294,6 +332,7 @@ class ProposalAttentionConfig(MethodConfig):
     noun_phrases: bool = True
     relative_geometry: bool = True
     ranked_similarity: bool = True
+    resolver_prior: bool = False
 
 
 #: Columns of :func:`pairwise_geometry`.
@@ -348,6 +387,11 @@ class ProposalAttention(_FrozenFeatureScorer):
         v, d, dm = len(c.views), backbone.embed_dim, c.d_model
         prop_in = v * d + (v * d + v if c.interactions else 0) + (2 * v + 2 if c.noun_phrases else 0)
         prop_in += 6 if c.ranked_similarity else 0
+        if c.resolver_prior:
+            if not c.noun_phrases:
+                raise ValueError("resolver_prior needs noun_phrases=True")
+            prop_in += 1
+            self.prior_weight = nn.Parameter(torch.tensor(1.0))
         self.log_temp = nn.Parameter(torch.tensor(float(backbone.model.logit_scale.detach())))
         self.prop_proj = nn.Sequential(nn.Linear(prop_in, dm), nn.LayerNorm(dm))
         self.geom = _GeometryEmbedding(dm)
@@ -405,6 +449,9 @@ class ProposalAttention(_FrozenFeatureScorer):
             parts += _np_features(views, batch)
         if c.ranked_similarity:
             parts.append(self._ranked_similarity(views, batch))
+        if c.resolver_prior:
+            log_prior = batch["prior"].clamp(min=1e-4).log().masked_fill(~mask, 0.0)  # (B, K), in [-9.2, 0]
+            parts.append((log_prior / 9.2104 + 1.0)[..., None])
         props = self.prop_proj(torch.cat(parts, -1)) + self.geom(batch["geom"]) + self.type_emb[0]
         seq = [props, (self.text_proj(text) + self.type_emb[1])[:, None]]
         masks = [mask, torch.ones(b, 1, dtype=torch.bool, device=mask.device)]
@@ -422,6 +469,8 @@ class ProposalAttention(_FrozenFeatureScorer):
         valid = torch.cat(masks, 1)
         x = self.encoder(torch.cat(seq, 1), mask=self._attention_mask(batch["geom"], valid, k))
         logits = self.head(self.norm(x[:, :k])).squeeze(-1)
+        if c.resolver_prior:
+            logits = logits + self.prior_weight * log_prior
         return logits.masked_fill(~mask, _NEG)
 
 
@@ -640,6 +689,7 @@ class Flyp(_BackboneTuner, ZeroShotScorer):
 __all__ = [
     "GEOMETRY_DIM",
     "PAIR_DIM",
+    "resolver_prior",
     "ClipFinetune",
     "ClipFinetuneConfig",
     "Flyp",

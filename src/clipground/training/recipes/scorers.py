@@ -51,6 +51,7 @@ from ...methods.trained_scorers import (
     box_geometry,
     collate_feature_items,
     multi_positive_ce,
+    resolver_prior,
     noun_phrases,
 )
 from ...relations import parse
@@ -304,9 +305,13 @@ class FeatureDataset(_ProposalSamples):
     (pooled embedding, token states and, with ``noun_phrases``, its subject/object phrase embeddings)."""
 
     def __init__(self, source: Any, records: Sequence[GroundingRecord], pos_iou: float, sentences: str = "all",
-                 seed: int = 0, noun_phrases: bool = False):
+                 seed: int = 0, noun_phrases: bool = False, prior_temperature: float | None = None):
         super().__init__(source, records, pos_iou, sentences, seed)
         self.noun_phrases = noun_phrases
+        # With a temperature, every sample carries the zero-shot resolver's scores (needs
+        # noun phrases); they depend only on cached features, so each is computed once.
+        self.prior_temperature = prior_temperature
+        self._priors: dict[tuple[str, str], torch.Tensor] = {}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         r, ious = self.pick(i)
@@ -321,6 +326,13 @@ class FeatureDataset(_ProposalSamples):
             if obj:
                 nps[1] = self.source.text(obj).embed
             item["nps"], item["np_mask"] = nps, torch.tensor([True, obj is not None])
+            if self.prior_temperature is not None:
+                key = (r.image, r.expression)
+                if key not in self._priors:
+                    self._priors[key] = resolver_prior(r.expression, item["views"].float(), item["geom"],
+                                                       item["text"].float(), nps.float(), item["np_mask"],
+                                                       self.prior_temperature)
+                item["prior"] = self._priors[key]
         return item
 
 
@@ -546,7 +558,9 @@ def _train_scorer(args: TrainArgs) -> Path:
     d = cfg.data
     if args.method in FROZEN_METHODS:
         dataset: Dataset = FeatureDataset(train_cache, train_records, d.pos_iou, d.sentences, cfg.train.seed,
-                                          noun_phrases=bool(getattr(cfg.method, "noun_phrases", False)))
+                                          noun_phrases=bool(getattr(cfg.method, "noun_phrases", False)),
+                                          prior_temperature=float(backbone.logit_scale)
+                                          if getattr(cfg.method, "resolver_prior", False) else None)
         collate = collate_feature_items
         loss_fn = classifier_loss(d.pos_weight) if args.method == "proposal-classifier" else ranking_loss
     else:
