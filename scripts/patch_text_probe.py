@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""How well do a CLIP's own patch tokens point at the phrase's object? (dense-method diagnostic)
+
+For attribute expressions of a world split, takes the argmax over the patch grid of the
+cosine between each projected patch token and the phrase embedding, and counts how often
+that patch cell touches the target box; prints the rate next to the rate of a patch drawn
+uniformly at random, for the plain grid and for the tiled grid the dense methods can use.
+
+    python scripts/patch_text_probe.py [--world runs/world] [--split val] [--n 150] [--backbone clipground/world-clip]
+
+The dense methods (fusion-regressor, locator, heatmap-segment) read these patch tokens; a
+rate near chance says the checkpoint was not trained to make them text-aligned (the bundled
+world CLIP was pretrained on pooled region embeddings only).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from clipground.backbone import ClipBackbone
+from clipground.data.loaders import load_records
+from clipground.images import load_image
+from clipground.methods.regression import encode_square_images
+
+
+def cell_touches(box: list[float], i: int, j: int, gh: int, gw: int, side: float) -> bool:
+    """Whether grid cell ``(i, j)`` of a ``gh x gw`` grid over the padded ``side``-px square overlaps ``box``."""
+    cw, ch = side / gw, side / gh
+    return j * cw < box[2] and (j + 1) * cw > box[0] and i * ch < box[3] and (i + 1) * ch > box[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", default="runs/world")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--n", type=int, default=150)
+    ap.add_argument("--backbone", default="clipground/world-clip")
+    ap.add_argument("--tiles", default="1,2")
+    args = ap.parse_args()
+    bb = ClipBackbone.from_pretrained(args.backbone)
+    recs = [r for r in load_records(f"{args.world}/{args.split}.jsonl").records
+            if r.meta.get("type") == "attribute"][: args.n]
+    tiles = [int(t) for t in args.tiles.split(",")]
+    hits = {t: 0 for t in tiles}
+    chance = {t: 0.0 for t in tiles}
+    for r in recs:
+        im = load_image(r.image)
+        side = float(max(im.size))
+        t_emb = bb.text_embeds([r.expression])[0].float()
+        for t in tiles:
+            f = encode_square_images(bb, [im], t)
+            gh, gw = f["grid"]
+            k = int((f["patch_embeds"][0].float() @ t_emb).argmax())
+            hits[t] += cell_touches(r.box, k // gw, k % gw, gh, gw, side)
+            chance[t] += sum(cell_touches(r.box, i, j, gh, gw, side) for i in range(gh) for j in range(gw)) / (gh * gw)
+    n = max(len(recs), 1)
+    print(f"{args.backbone}: {n} attribute expressions of {args.world}/{args.split}")
+    for t in tiles:
+        print(f"tiles={t}: argmax patch touches the target {hits[t] / n:.1%} (a random patch: {chance[t] / n:.1%})")
+
+
+if __name__ == "__main__":
+    main()
