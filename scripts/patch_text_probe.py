@@ -7,6 +7,11 @@ that patch cell touches the target box; prints the rate next to the rate of a pa
 uniformly at random, for the plain grid and for the tiled grid the dense methods can use.
 
     python scripts/patch_text_probe.py [--world runs/world] [--split val] [--n 150] [--backbone clipground/world-clip]
+        [--windows 8]
+
+With ``--windows G`` it also scores a ``G x G`` grid of overlapping windows (each twice a
+cell's side, centred on the cell) by their *pooled* CLIP embedding, the representation the
+checkpoint was trained to align with text: what a dense method could read instead.
 
 The dense methods (fusion-regressor, locator, heatmap-segment) read these patch tokens; a
 rate near chance says the checkpoint was not trained to make them text-aligned (the bundled
@@ -38,6 +43,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=150)
     ap.add_argument("--backbone", default="clipground/world-clip")
     ap.add_argument("--tiles", default="1,2")
+    ap.add_argument("--windows", type=int, default=0, help="also probe a G x G grid of pooled window embeddings")
     args = ap.parse_args()
     bb = ClipBackbone.from_pretrained(args.backbone)
     recs = [r for r in load_records(f"{args.world}/{args.split}.jsonl").records
@@ -55,10 +61,25 @@ def main() -> None:
             k = int((f["patch_embeds"][0].float() @ t_emb).argmax())
             hits[t] += cell_touches(r.box, k // gw, k % gw, gh, gw, side)
             chance[t] += sum(cell_touches(r.box, i, j, gh, gw, side) for i in range(gh) for j in range(gw)) / (gh * gw)
+    win_hits, win_chance = 0, 0.0
+    for r in recs if args.windows else []:
+        im = load_image(r.image)
+        side = float(max(im.size))
+        g = args.windows
+        cell = side / g
+        crops = [im.crop((round((j + 0.5) * cell - cell), round((i + 0.5) * cell - cell),
+                          round((j + 0.5) * cell + cell), round((i + 0.5) * cell + cell)))
+                 for i in range(g) for j in range(g)]
+        k = int((bb.encode_images(crops).embeds.float() @ bb.text_embeds([r.expression])[0].float()).argmax())
+        win_hits += cell_touches(r.box, k // g, k % g, g, g, side)
+        win_chance += sum(cell_touches(r.box, i, j, g, g, side) for i in range(g) for j in range(g)) / (g * g)
     n = max(len(recs), 1)
     print(f"{args.backbone}: {n} attribute expressions of {args.world}/{args.split}")
     for t in tiles:
         print(f"tiles={t}: argmax patch touches the target {hits[t] / n:.1%} (a random patch: {chance[t] / n:.1%})")
+    if args.windows:
+        print(f"windows {args.windows}x{args.windows}: argmax window touches the target {win_hits / n:.1%} "
+              f"(a random window: {win_chance / n:.1%})")
 
 
 if __name__ == "__main__":
