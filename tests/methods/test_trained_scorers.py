@@ -91,10 +91,11 @@ def _predict(g: Grounder, image: str, phrases: list[str]):
     return g.predict_batch(phrases)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_trains_from_cache_and_round_trips(method, data, tiny_clip_dir, tmp_path):
+@pytest.mark.parametrize("method,extra", [(m, ()) for m in METHODS]
+                         + [("proposal-attention", ("method.resolver_prior=true",))])
+def test_trains_from_cache_and_round_trips(method, extra, data, tiny_clip_dir, tmp_path):
     out = tmp_path / "run"
-    final = _train(method, data, tiny_clip_dir, out)
+    final = _train(method, data, tiny_clip_dir, out, extra=extra)
     losses = _losses(out)
     assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
@@ -266,8 +267,8 @@ def test_real_refcocog_format_flows_through(shared_data, tiny_clip_dir, tmp_path
 
 def test_resolver_prior_is_the_zero_shot_answer_and_trains(data, tiny_clip_dir, tmp_path):
     """proposal-attention with ``resolver_prior``: the prior it is given ranks the proposals as the
-    zero-shot scorer does (size words kept in the noun phrase), it trains from the cache, and
-    the saved model predicts exactly what the trained one does."""
+    zero-shot scorer does (size words kept in the noun phrase), and its learned weight on the
+    prior is trained and saved (the save/load round trip is in the parametrized test above)."""
     from clipground.methods.zero_shot import ZeroShotScorer
 
     props = get_proposals(f"file:{data[1]}")
@@ -287,10 +288,6 @@ def test_resolver_prior_is_the_zero_shot_answer_and_trains(data, tiny_clip_dir, 
     out = tmp_path / "run"
     final = _train("proposal-attention", data, tiny_clip_dir, out, extra=["method.resolver_prior=true"])
     assert json.loads((final / "grounder.json").read_text())["config"]["resolver_prior"] is True
-    losses = _losses(out)
-    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(torch.tensor(_losses(out))))
     loaded = Grounder.from_pretrained(final, proposals=props)
-    assert "prior_weight" in dict(loaded.method.named_parameters())
-    a = _predict(loaded, image, phrases)
-    b = _predict(Grounder.from_pretrained(final, proposals=props), image, phrases)
-    assert [p.box for p in a] == [p.box for p in b]
+    assert float(loaded.method.prior_weight) != 1.0  # initialised at 1, moved by training

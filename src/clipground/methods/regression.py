@@ -9,8 +9,7 @@ Transformer encoder together with a learned ``[REG]`` token. An MLP with LeakyRe
 ``(x_min, y_min, x_max, y_max)`` (so ``min < max`` by construction), plus a quality logit
 (the predicted IoU of its own box, used as the score). With ``anchor`` (default) the centre
 is instead the soft-argmax of per-patch target scores (a linear head on the fused patch
-tokens) plus the MLP's offset: a pure [REG] regressor sat at the mean box for 850 steps
-(~4 epochs) in the world, the anchored one starts moving at once.
+tokens) plus the MLP's offset, so the centre follows the patches from the first steps.
 
 The phrase also enters before fusion, cheaply: each patch token is modulated
 multiplicatively by the phrase embedding (FiLM-style) and gets CLIP's own patch-phrase
@@ -129,6 +128,12 @@ def encode_phrases(backbone: ClipBackbone, phrases: list[str], prompt: str = "{}
     return backbone.encode_texts([prompt.format(p) for p in phrases])
 
 
+def grid_shape(num_patches: int) -> tuple[int, int]:
+    """``(h, w)`` of a row-major patch grid of ``num_patches`` cells (square when it can be)."""
+    side = int(round(num_patches ** 0.5))
+    return (side, side) if side * side == num_patches else (1, num_patches)
+
+
 def patch_grid(backbone: ClipBackbone, tiles: int = 1) -> tuple[int, int]:
     """``(h, w)`` of the (tiled) patch grid, from the backbone's config."""
     vc = backbone.model.config.vision_config
@@ -219,8 +224,7 @@ class FusionHead(nn.Module):
         self.sim_in = nn.Linear(2, d) if cfg.similarity else None
         self.film = nn.Linear(embed_dim, d) if cfg.film else None
         self.anchor = cfg.anchor
-        side = int(round(num_patches ** 0.5))
-        gh, gw = (side, num_patches // side) if side * (num_patches // side) == num_patches else (1, num_patches)
+        gh, gw = grid_shape(num_patches)
         ys, xs = torch.meshgrid((torch.arange(gh) + 0.5) / gh, (torch.arange(gw) + 0.5) / gw, indexing="ij")
         self.register_buffer("centers", torch.stack([xs.flatten(), ys.flatten()], -1), persistent=False)
 

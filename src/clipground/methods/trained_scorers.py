@@ -43,9 +43,9 @@ from torch import nn
 from ..backbone import ClipBackbone
 from ..cache import image_features
 from ..imageops import VIEW_KINDS
-from ..relations import parse, resolve
+from ..relations import parse
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
-from .zero_shot import ZeroShotConfig, ZeroShotScorer
+from .zero_shot import ZeroShotConfig, ZeroShotScorer, zero_shot_scores
 
 #: Columns of :func:`box_geometry`.
 GEOMETRY_DIM = 7
@@ -72,27 +72,26 @@ def noun_phrases(expression: str) -> tuple[str, str | None]:
 
 def resolver_prior(expression: str, views: torch.Tensor, geom: torch.Tensor, text: torch.Tensor,
                    nps: torch.Tensor, np_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``(K,)`` the zero-shot scorer's answer for one phrase, scaled to a maximum of 1.
+    """``(K,)`` the zero-shot scorer's answer for one phrase (:func:`~.zero_shot.zero_shot_scores`),
+    scaled to a maximum of 1.
 
-    Computed from the same frozen features a scorer sees (view embeddings ``(K, V, D)``,
-    normalized geometry ``(K, 7)``, the phrase embedding and its subject/object embeddings):
-    for a spatial expression the ReCLIP-style resolver on the normalized boxes (size words
-    stay in the noun phrase, as the cached noun phrases are parsed), else
-    ``exp(T (s - max s))`` of the view-averaged cosine ``s``.
+    Computed from the frozen features a scorer already has (view embeddings ``(K, V, D)``,
+    normalized geometry ``(K, 7)``, the phrase embedding and its subject/object embeddings),
+    with size words kept in the noun phrase, as the cached noun phrases are parsed.
+    Similarities become ``exp(T (s - max s))``; resolver probabilities are divided by their max.
     """
     p = parse(expression)
-    if not p.is_spatial:
-        s = torch.einsum("kvd,d->k", views, text) / views.shape[1]
-        return torch.exp(temperature * (s - s.max()))
-    by_text = {p.subject: nps[0]}
+    by_text = {expression: text, p.subject: nps[0]}
     if p.object and bool(np_mask[1]):
         by_text.setdefault(p.object, nps[1])
 
-    def sim(np_text: str) -> torch.Tensor:
-        return torch.einsum("kvd,d->k", views, by_text.get(np_text, text)) / views.shape[1]
+    def sim(t: str) -> torch.Tensor:
+        return torch.einsum("kvd,d->k", views, by_text.get(t, text)) / views.shape[1]
 
-    r = resolve(p, geom[:, :4], (1.0, 1.0), sim, temperature=temperature)
-    return r / r.max().clamp(min=1e-12)
+    s, resolved = zero_shot_scores(expression, geom[:, :4], (1.0, 1.0), sim, temperature, size_words=False)
+    if resolved:
+        return s / s.max().clamp(min=1e-12)
+    return torch.exp(temperature * (s - s.max()))
 
 
 def _check_views(views: Sequence[str]) -> None:

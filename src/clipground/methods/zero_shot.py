@@ -18,6 +18,7 @@ All proposal views are encoded once in :meth:`encode_image`; a phrase then costs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,23 @@ from ..errors import UnknownNameError
 from ..imageops import VIEW_KINDS, render_views
 from ..relations import parse, resolve
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
+
+
+def zero_shot_scores(phrase: str, boxes: torch.Tensor, size: tuple[float, float],
+                     similarity: Callable[[str], torch.Tensor], temperature: float, relations: bool = True,
+                     size_words: bool = True) -> tuple[torch.Tensor, bool]:
+    """The zero-shot answer for one phrase: ``(scores (K,), resolved)``.
+
+    ``similarity(text)`` gives every box's CLIP similarity to ``text``. A spatial phrase
+    (with ``relations``) goes through the ReCLIP-style resolver and ``resolved`` is True
+    (scores are probabilities in [0, 1]); otherwise the scores are the phrase's similarities.
+    Shared by :class:`ZeroShotScorer` and the trained scorers' resolver prior, so both give
+    the same answer.
+    """
+    parsed = parse(phrase, size_words=size_words) if relations else None
+    if parsed is not None and parsed.is_spatial:
+        return resolve(parsed, boxes, size, similarity, temperature=temperature), True
+    return similarity(phrase), False
 
 
 @dataclass
@@ -80,13 +98,16 @@ class ZeroShotScorer(GroundingMethod):
         boxes = state.proposals.boxes
         if len(boxes) == 0:
             return [Ranking(boxes, torch.zeros(0)) for _ in phrases]
-        sims = self.similarity(state, phrases)
+        sims = dict(zip(phrases, self.similarity(state, phrases)))  # whole phrases in one batch
         temp = float(self.config.temperature or self.backbone.logit_scale)
+
+        def similarity(text: str) -> torch.Tensor:
+            return sims[text] if text in sims else self.similarity(state, [text])[0]
+
         out = []
-        for phrase, s in zip(phrases, sims):
-            parsed = parse(phrase, size_words=self.config.size_words) if self.config.relations else None
-            if parsed is not None and parsed.is_spatial:
-                s = resolve(parsed, boxes, state.size, lambda np_: self.similarity(state, [np_])[0], temperature=temp)
+        for phrase in phrases:
+            s, _ = zero_shot_scores(phrase, boxes, state.size, similarity, temp, self.config.relations,
+                                    self.config.size_words)
             order = s.argsort(descending=True, stable=True)
             out.append(Ranking(boxes[order], s[order]))
         return out

@@ -1,8 +1,9 @@
 """Pretrain a small CLIP in the synthetic world (``clipground pretrain``).
 
 No pretrained CLIP weights are reachable offline, so clipground ships its own: a
-transformers :class:`~transformers.CLIPModel` (a 4-layer ViT on 128 px inputs with 16 px
-patches, i.e. an 8x8 grid, and a 3-layer text transformer; ~1.9M parameters) trained contrastively on *region-caption*
+transformers :class:`~transformers.CLIPModel` (a 4-layer ViT on 64 px inputs with 16 px
+patches, i.e. a 4x4 grid, and a 3-layer text transformer; 2.66M parameters with the
+defaults, which are the bundled checkpoint's) trained contrastively on *region-caption*
 pairs from the world's train split only.
 
 The model is later used zero-shot exactly like a hub CLIP: every candidate box is shown

@@ -34,7 +34,8 @@ from ...data.records import GroundingRecord
 from ...errors import BadAnnotationError, ClipgroundError
 from ...heatmaps import crop_fraction
 from ...images import load_image
-from ...methods.regression import FusionRegressor, FusionRegressorConfig, box_losses, encode_square_images
+from ...methods.regression import (FusionRegressor, FusionRegressorConfig, box_losses, encode_square_images,
+                                  grid_shape)
 from ..config import TrainConfig, load_config
 from ..trainer import Trainer
 from . import TrainArgs, register_recipe
@@ -458,9 +459,7 @@ def fusion_loss(weights: FusionLossConfig) -> Callable[[torch.nn.Module, Batch],
         loss = weights.l1 * l1 + weights.giou * giou + weights.quality * q
         metrics = {"l1": l1.detach(), "giou": giou.detach(), "quality": q.detach(), "iou": iou.mean()}
         if weights.patch_map > 0:
-            b, p = out.patch_logits.shape
-            side = int(round(p ** 0.5))
-            target = box_coverage(batch.boxes, side, p // side).flatten(1)
+            target = box_coverage(batch.boxes, *grid_shape(out.patch_logits.shape[1])).flatten(1)
             pm = map_loss(out.patch_logits, target)
             loss = loss + weights.patch_map * pm
             metrics["patch_map"] = pm.detach()
