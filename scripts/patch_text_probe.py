@@ -7,7 +7,12 @@ that patch cell touches the target box; prints the rate next to the rate of a pa
 uniformly at random, for the plain grid and for the tiled grid the dense methods can use.
 
     python scripts/patch_text_probe.py [--world runs/world] [--split val] [--n 150] [--backbone clipground/world-clip]
-        [--windows 8]
+        [--windows 8] [--input-size 256]
+
+With ``--input-size S`` it also probes the grid of the whole image encoded at ``S`` px with
+interpolated position embeddings (the dense methods' ``input_size`` option), for both
+``dense`` choices: the last layer's patch tokens (``final``) and the MaskCLIP-style value path
+(``value``).
 
 With ``--windows G`` it also scores a ``G x G`` grid of overlapping windows (each twice a
 cell's side, centred on the cell) by their *pooled* CLIP embedding, the representation the
@@ -44,19 +49,23 @@ def main() -> None:
     ap.add_argument("--backbone", default="clipground/world-clip")
     ap.add_argument("--tiles", default="1,2")
     ap.add_argument("--windows", type=int, default=0, help="also probe a G x G grid of pooled window embeddings")
+    ap.add_argument("--input-size", type=int, default=0, help="also probe the whole image encoded at this side")
     args = ap.parse_args()
     bb = ClipBackbone.from_pretrained(args.backbone)
     recs = [r for r in load_records(f"{args.world}/{args.split}.jsonl").records
             if r.meta.get("type") == "attribute"][: args.n]
-    tiles = [int(t) for t in args.tiles.split(",")]
-    hits = {t: 0 for t in tiles}
-    chance = {t: 0.0 for t in tiles}
+    views = {f"tiles={t}": {"tiles": int(t)} for t in args.tiles.split(",")}
+    if args.input_size:
+        for dense in ("final", "value"):
+            views[f"input_size={args.input_size}, dense={dense}"] = {"input_size": args.input_size, "dense": dense}
+    hits = {t: 0 for t in views}
+    chance = {t: 0.0 for t in views}
     for r in recs:
         im = load_image(r.image)
         side = float(max(im.size))
         t_emb = bb.text_embeds([r.expression])[0].float()
-        for t in tiles:
-            f = encode_square_images(bb, [im], t)
+        for t, view in views.items():
+            f = encode_square_images(bb, [im], **view)
             gh, gw = f["grid"]
             k = int((f["patch_embeds"][0].float() @ t_emb).argmax())
             hits[t] += cell_touches(r.box, k // gw, k % gw, gh, gw, side)
@@ -75,8 +84,8 @@ def main() -> None:
         win_chance += sum(cell_touches(r.box, i, j, g, g, side) for i in range(g) for j in range(g)) / (g * g)
     n = max(len(recs), 1)
     print(f"{args.backbone}: {n} attribute expressions of {args.world}/{args.split}")
-    for t in tiles:
-        print(f"tiles={t}: argmax patch touches the target {hits[t] / n:.1%} (a random patch: {chance[t] / n:.1%})")
+    for t in views:
+        print(f"{t}: argmax patch touches the target {hits[t] / n:.1%} (a random patch: {chance[t] / n:.1%})")
     if args.windows:
         print(f"windows {args.windows}x{args.windows}: argmax window touches the target {win_hits / n:.1%} "
               f"(a random window: {win_chance / n:.1%})")

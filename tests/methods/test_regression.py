@@ -212,3 +212,97 @@ def test_tiled_features_assemble_a_finer_grid(tmp_path: Path, tiny_clip_dir: Pat
 
     with pytest.raises(ClipgroundError, match="tiles"):
         train_fusion_regressor(small_cfg, bb, recs, [], build_feature_cache(bb, recs, progress=False))
+
+
+def test_input_size_value_embeds_and_merge(tmp_path: Path, tiny_clip_dir: Path, small_cfg: FusionRecipeConfig) -> None:
+    from clipground.errors import ClipgroundError
+    from clipground.methods.regression import dense_input, encode_square_images, patch_grid
+
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)  # 32 px input, 8 px patches: a 4x4 grid
+    img = Image.new("RGB", (64, 48), (128, 128, 128))
+    ImageDraw.Draw(img).rectangle([40, 5, 60, 25], fill=(220, 30, 30))
+    # At the native side the resize path is the checkpoint's own preprocessing of the square.
+    native = encode_square_images(bb, [img])
+    same = encode_square_images(bb, [img], input_size=32)
+    assert torch.allclose(same["patches"], native["patches"], atol=1e-4)
+    # Twice the side: a 8x8 grid through interpolated positions, the whole square kept.
+    f = encode_square_images(bb, [img], input_size=64, dense="value")
+    assert f["grid"] == (8, 8) == patch_grid(bb, input_size=64) and f["patches"].shape[1] == 64
+    assert f["geometry"][0].scale_x == 64 and f["geometry"][0].offset_x == 0
+    final = encode_square_images(bb, [img], input_size=64)
+    assert torch.allclose(final["patches"], f["patches"]) and not torch.allclose(final["patch_embeds"], f["patch_embeds"])
+    # The value path skips the last block's attention mixing: in a one-block CLIP a patch's value
+    # embedding depends on that patch alone. Painting the far corner changes the final embedding of
+    # patch 0 but not its value embedding.
+    from clipground.testing import make_tiny_clip
+
+    one = ClipBackbone.from_pretrained(make_tiny_clip(tmp_path / "one_block", layers=1))
+    other = img.copy()
+    ImageDraw.Draw(other).rectangle([48, 36, 63, 47], fill=(30, 60, 220))
+    fv, ff, v0, f0 = (encode_square_images(one, [im], input_size=64, dense=d)["patch_embeds"][0, 0]
+                      for im, d in ((other, "value"), (other, "final"), (img, "value"), (img, "final")))
+    assert torch.allclose(fv, v0, atol=1e-5) and not torch.allclose(ff, f0, atol=1e-4)
+    for bad in ({"tiles": 2, "input_size": 64}, {"dense": "mean"}, {"input_size": -1}):
+        cfg = FusionRecipeConfig().model
+        for k, v in bad.items():
+            setattr(cfg, k, v)
+        with pytest.raises(ClipgroundError):
+            dense_input(cfg)
+    # A merged fine-grid model trains, predicts and round-trips; a cache of another view is refused.
+    recs = make_scenes(tmp_path, n=2)
+    m = small_cfg.model
+    m.input_size, m.dense, m.merge, m.peak = 64, "value", 2, True
+    small_cfg.train.max_steps, small_cfg.train.batch_size = 3, 4
+    small_cfg.train.output_dir = str(tmp_path / "run")
+    cache = build_feature_cache(bb, recs, progress=False, input_size=64, dense="value")
+    method, _ = train_fusion_regressor(small_cfg, bb, recs, [], cache)
+    assert method.fusion.img_pos.shape[0] == 1 + 16  # 8x8 patches merged 2x2
+    g = Grounder(method)
+    g.save_pretrained(tmp_path / "saved")
+    g2 = Grounder.from_pretrained(tmp_path / "saved")
+    assert g2.method.config.input_size == 64 and g2.method.config.merge == 2 and g2.method.config.peak
+    a, b = g(recs[0].image, "the red box"), g2(recs[0].image, "the red box")
+    assert max(abs(x - y) for x, y in zip(a.box, b.box)) < 1e-5 and 0 <= a.box[0] < a.box[2] <= 48
+    with pytest.raises(ClipgroundError, match="input_size"):
+        train_fusion_regressor(small_cfg, bb, recs, [], build_feature_cache(bb, recs, progress=False, input_size=64))
+
+
+def test_peak_head_answers_with_the_best_patch_box() -> None:
+    from clipground.methods.regression import FusionHead, FusionRegressorConfig
+    from clipground.training.recipes.regression import Batch, FusionLossConfig, fusion_loss
+
+    torch.manual_seed(0)
+    cfg = FusionRegressorConfig(dim=16, layers=1, heads=2, head_hidden=16, dropout=0.0, peak=True)
+    head = FusionHead(cfg, vision_width=8, text_width=8, embed_dim=8, num_patches=16, max_text=4)
+    b = 3
+    x = (torch.randn(b, 8), torch.randn(b, 16, 8), torch.randn(b, 16, 8), torch.randn(b, 8), torch.randn(b, 4, 8),
+         torch.ones(b, 4, dtype=torch.bool))
+    out = head(*x)
+    assert out.cell_boxes is not None and out.cell_boxes.shape == (b, 16, 4)
+    best = out.patch_logits.argmax(-1)
+    assert torch.equal(out.boxes, out.cell_boxes[torch.arange(b), best])
+    # Every patch box is a proper box whose centre lies within two cells of its patch.
+    cb = out.cell_boxes
+    assert (cb[..., 2] > cb[..., 0]).all() and (cb[..., 3] > cb[..., 1]).all()
+    centre = (cb[..., :2] + cb[..., 2:]) / 2
+    assert ((centre - head.centers).abs() <= 2 / 4 + 1e-6).all()
+    # The loss only asks the patches the target covers for its box: a target inside the top-left
+    # cell of the 4x4 grid gives box gradient to that patch's box and to no other.
+    target = torch.tensor([[0.02, 0.03, 0.2, 0.21]]).repeat(b, 1)
+    batch = Batch(*x, target, target * 100, torch.full((b,), 100.0), torch.zeros(b), torch.full((b, 2), 100))
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner: FusionHead):
+            super().__init__()
+            self.inner, self.out = inner, None
+
+        def forward(self, *a: torch.Tensor):
+            self.out = self.inner(*a)
+            self.out.cell_boxes.retain_grad()
+            return self.out
+
+    spy = Spy(head)
+    loss, metrics = fusion_loss(FusionLossConfig(quality=0.0, patch_map=0.0))(spy, batch)
+    loss.backward()
+    g = spy.out.cell_boxes.grad.abs().sum(-1)
+    assert (g[:, 0] > 0).all() and (g[:, 1:] == 0).all() and metrics["patch_ce"] > 0

@@ -27,6 +27,8 @@ from torch import nn
 from ..errors import BadPhraseError, CheckpointNotFoundError
 
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch32"
+#: What a dense method can read as per-patch joint-space embeddings (see ``forward_image``).
+DENSE_EMBEDS = ("final", "value")
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: Checkpoints shipped inside the package, addressable by name like hub ids.
 BUNDLED: dict[str, Path] = {"clipground/world-clip": _ASSETS / "world-clip"}
@@ -195,9 +197,17 @@ class ClipBackbone(nn.Module):
         return self.model.logit_scale.exp()
 
     # ----------------------------------------------------------------- preprocessing
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """The checkpoint's own image preprocessing -> ``pixel_values (N, 3, S, S)``."""
-        out = self.processor.image_processor(images=list(images), return_tensors="pt")
+    def preprocess(self, images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
+        """The checkpoint's own image preprocessing -> ``pixel_values (N, 3, S, S)``.
+
+        With ``size`` the images are resized straight to ``size x size`` instead (no centre
+        crop; meant for square inputs encoded at a resolution other than the native one, see
+        :meth:`forward_image`'s ``interpolate_pos_encoding``).
+        """
+        kw = {}
+        if size:
+            kw = {"size": {"height": int(size), "width": int(size)}, "crop_size": {"height": int(size), "width": int(size)}}
+        out = self.processor.image_processor(images=list(images), return_tensors="pt", **kw)
         return out["pixel_values"].to(self.device)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -214,13 +224,31 @@ class ClipBackbone(nn.Module):
         return {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
 
     # ----------------------------------------------------------------- encoding
-    def forward_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
-        """Image tower on preprocessed pixels (differentiable when unfrozen)."""
+    def forward_image(self, pixel_values: torch.Tensor, dense: str = "final") -> ImageFeatures:
+        """Image tower on preprocessed pixels (differentiable when unfrozen).
+
+        Pixels of another side than the checkpoint's are encoded with interpolated position
+        embeddings (a finer patch grid for the dense methods). ``dense`` picks what
+        ``patch_embeds`` holds: ``"final"`` the last layer's patch tokens projected to the joint
+        space; ``"value"`` the last attention block's *value* path of each patch alone, projected
+        the same way (MaskCLIP, Zhou et al. 2022: the attention pooling mixes every token into
+        the output, the value path keeps each patch's own content, so it matches text locally).
+        """
         m = self.model
-        out = m.vision_model(pixel_values=pixel_values)
+        if dense not in DENSE_EMBEDS:
+            raise ValueError(f"dense must be one of {DENSE_EMBEDS}, got {dense!r}")
+        interpolate = int(pixel_values.shape[-1]) != self.image_size
+        out = m.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate,
+                             output_hidden_states=dense == "value")
         pooled = m.visual_projection(out.pooler_output)
         patches = out.last_hidden_state[:, 1:]
-        patch_embeds = m.visual_projection(m.vision_model.post_layernorm(patches))
+        if dense == "value":
+            last = m.vision_model.encoder.layers[-1]
+            attn = last.self_attn
+            x = attn.out_proj(attn.v_proj(last.layer_norm1(out.hidden_states[-2][:, 1:])))
+            patch_embeds = m.visual_projection(m.vision_model.post_layernorm(x))
+        else:
+            patch_embeds = m.visual_projection(m.vision_model.post_layernorm(patches))
         p = patches.shape[1]
         side = int(round(p ** 0.5))
         grid = (side, p // side) if side * (p // side) == p else (1, p)
@@ -234,12 +262,14 @@ class ClipBackbone(nn.Module):
         return TextFeatures(nn.functional.normalize(pooled, dim=-1), out.last_hidden_state, attention_mask.bool())
 
     @torch.inference_mode()
-    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> ImageFeatures:
-        """Encode PIL images in batches."""
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64, size: int | None = None,
+                      dense: str = "final") -> ImageFeatures:
+        """Encode PIL images in batches (``size``, ``dense``: see :meth:`preprocess`, :meth:`forward_image`)."""
         if len(images) == 0:
             d, w = self.embed_dim, self.vision_width
             return ImageFeatures(torch.zeros(0, d), torch.zeros(0, 0, w), torch.zeros(0, 0, d), (0, 0))
-        parts = [self.forward_image(self.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        parts = [self.forward_image(self.preprocess(images[i : i + batch_size], size), dense)
+                 for i in range(0, len(images), batch_size)]
         return ImageFeatures(
             torch.cat([p.embeds for p in parts]),
             torch.cat([p.patch_tokens for p in parts]),

@@ -38,7 +38,7 @@ from ..backbone import ClipBackbone
 from ..heatmaps import InputGeometry, make_heatmap_source
 from ..segmenters import box_from_heatmap, make_segmenter
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
-from .regression import encode_phrases, encode_square_image, patch_grid, patch_text_similarity
+from .regression import dense_input, encode_phrases, encode_square_image, patch_grid, patch_text_similarity
 
 # --------------------------------------------------------------------------- locator
 
@@ -59,6 +59,9 @@ class LocatorConfig(MethodConfig):
         similarity: add each patch's CLIP similarity to the phrase as an input feature.
         film: modulate patch tokens multiplicatively by the phrase embedding.
         tiles: encode ``tiles x tiles`` tiles too, for a finer patch grid (as the fusion regressor).
+        input_size: encode the image at this side with interpolated position embeddings instead
+            (0 = the checkpoint's own; as the fusion regressor).
+        dense: joint-space patch embeddings for the similarity feature, ``"final"`` or ``"value"``.
         prompt: template the phrase is put in before text encoding.
     """
 
@@ -73,6 +76,8 @@ class LocatorConfig(MethodConfig):
     similarity: bool = True
     film: bool = True
     tiles: int = 1
+    input_size: int = 0
+    dense: str = "final"
     prompt: str = "{}"
 
 
@@ -203,10 +208,10 @@ class Locator(GroundingMethod):
     def __init__(self, backbone: ClipBackbone, config: LocatorConfig | None = None):
         super().__init__(backbone, config)
         self.net = LocatorNet(self.config, backbone.vision_width, backbone.text_width, backbone.embed_dim,
-                              patch_grid(backbone, self.config.tiles))
+                              patch_grid(backbone, **dense_input(self.config)))
 
     def encode_image(self, state: ImageState) -> None:
-        state.features.update(encode_square_image(self.backbone, state.image, self.config.tiles))
+        state.features.update(encode_square_image(self.backbone, state.image, **dense_input(self.config)))
 
     def forward_phrases(self, state: ImageState, phrases: list[str]) -> LocatorOutput:
         """Network outputs for phrases in the encoded image (maps in model-input coordinates)."""

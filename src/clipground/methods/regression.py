@@ -10,6 +10,15 @@ Transformer encoder together with a learned ``[REG]`` token. An MLP with LeakyRe
 (the predicted IoU of its own box, used as the score). With ``anchor`` (default) the centre
 is instead the soft-argmax of per-patch target scores (a linear head on the fused patch
 tokens) plus the MLP's offset, so the centre follows the patches from the first steps.
+With ``peak`` the same MLP form (on each fused patch token joined with the ``[REG]`` output)
+predicts a box at every patch and the answer is the box of the highest-scoring patch, as
+CenterNet-style detectors do: a soft-argmax is pulled towards the image centre until the
+patch scores are very peaked, which costs small objects their IoU.
+
+Image tokens: the checkpoint's own patch grid, a finer one from ``tiles`` or from
+``input_size`` (the whole image at a larger side with interpolated position embeddings),
+optionally shortened by ``merge`` (a 3x3 convolution and a strided linear merge of
+neighbouring patches) so that a fine grid stays cheap for the Transformer.
 
 The phrase also enters before fusion, cheaply: each patch token is modulated
 multiplicatively by the phrase embedding (FiLM-style) and gets CLIP's own patch-phrase
@@ -40,19 +49,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import ClipBackbone, TextFeatures
-from ..heatmaps import InputGeometry, clip_square_input, crop_fraction
+from ..backbone.clip import DENSE_EMBEDS
+from ..errors import ClipgroundError
+from ..heatmaps import InputGeometry, clip_square_input, crop_fraction, pad_to_square
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
 
 
-def square_views(backbone: ClipBackbone, image: Any, tiles: int = 1) -> tuple[list[Any], InputGeometry]:
+def dense_input(cfg: Any) -> dict[str, Any]:
+    """The image-token options of a dense method's config (``tiles``, ``input_size``, ``dense``),
+    as keyword arguments of :func:`encode_square_images` and the feature cache."""
+    view = {"tiles": max(int(cfg.tiles), 1), "input_size": int(cfg.input_size), "dense": str(cfg.dense)}
+    if view["input_size"] < 0:
+        raise ClipgroundError(f"input_size must be >= 0 (0 = the checkpoint's own), got {view['input_size']}")
+    if view["input_size"] and view["tiles"] > 1:
+        raise ClipgroundError("use either tiles > 1 or input_size, not both")
+    if view["dense"] not in DENSE_EMBEDS:
+        raise ClipgroundError(f"dense must be one of {', '.join(DENSE_EMBEDS)}, got {view['dense']!r}")
+    return view
+
+
+def square_views(backbone: ClipBackbone, image: Any, tiles: int = 1, input_size: int = 0
+                 ) -> tuple[list[Any], InputGeometry]:
     """The padded square and, with ``tiles > 1``, its ``tiles x tiles`` tiles (row-major).
 
     Each tile is cut so that what the processor keeps after its centre crop is exactly the
     tile (enlarged by ``1 / crop_fraction`` around the tile centre, padded with the mean
-    colour), so the tiles' patch grids abut into one ``tiles``-times finer grid.
+    colour), so the tiles' patch grids abut into one ``tiles``-times finer grid. With
+    ``input_size`` the square is resized whole (no crop), so its geometry keeps all of it.
     """
     from PIL import Image
 
+    if input_size:
+        fill = tuple(getattr(backbone.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5))
+        sq, geom = pad_to_square(image, fill, 1.0)
+        return [sq], geom
     sq, geom = clip_square_input(backbone, image)
     if tiles <= 1:
         return [sq], geom
@@ -72,41 +102,48 @@ def square_views(backbone: ClipBackbone, image: Any, tiles: int = 1) -> tuple[li
     return views, geom
 
 
-def encode_square_images(backbone: ClipBackbone, images: Sequence[Any], tiles: int = 1) -> dict[str, Any]:
-    """Frozen CLIP features of padded-square images, optionally tiled (shared by the dense methods).
+def encode_square_images(backbone: ClipBackbone, images: Sequence[Any], tiles: int = 1, input_size: int = 0,
+                         dense: str = "final") -> dict[str, Any]:
+    """Frozen CLIP features of padded-square images for the dense methods (one pass per view).
 
-    With ``tiles = t > 1`` each image is also cut into ``t x t`` tiles encoded at the
-    checkpoint's native resolution; their patch tokens are re-assembled into one
-    ``(t*h) x (t*w)`` grid (row-major), a ``t``-times finer view than the whole image gives
-    (small objects span few patches otherwise). ``img_embed`` is always the whole image's.
+    Finer patch grids than the checkpoint's own, for small objects:
+
+    - ``tiles = t > 1``: each image is also cut into ``t x t`` tiles encoded at the
+      checkpoint's native resolution; their patch tokens are re-assembled into one
+      ``(t*h) x (t*w)`` grid (row-major). ``img_embed`` is always the whole image's.
+    - ``input_size = S``: the whole square is encoded at ``S x S`` pixels with interpolated
+      position embeddings (a ``S / patch``-wide grid, each patch seeing its neighbours).
+
+    ``dense`` chooses the joint-space patch embeddings (see :meth:`ClipBackbone.forward_image`).
 
     Returns ``{"img_embed": (N, D), "patches": (N, P, Dv), "patch_embeds": (N, P, D),
     "grid": (H, W), "geometry": [InputGeometry] * N}``.
     """
     views, geoms = [], []
     for im in images:
-        v, g = square_views(backbone, im, tiles)
+        v, g = square_views(backbone, im, tiles, input_size)
         views += v
         geoms.append(g)
-    f = backbone.encode_images(views)
+    f = backbone.encode_images(views, size=input_size or None, dense=dense)
     n, per = len(images), len(views) // max(len(images), 1)
     gh, gw = f.grid
 
     def assemble(x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(n, per, *x.shape[1:])
-        if tiles <= 1:
+        if tiles <= 1 or input_size:
             return x[:, 0]
         t = x[:, 1:].reshape(n, tiles, tiles, gh, gw, -1).permute(0, 1, 3, 2, 4, 5)
         return t.reshape(n, tiles * gh * tiles * gw, -1)
 
+    k = 1 if input_size else max(tiles, 1)
     return {"img_embed": f.embeds.reshape(n, per, -1)[:, 0], "patches": assemble(f.patch_tokens),
-            "patch_embeds": assemble(f.patch_embeds), "grid": (gh * max(tiles, 1), gw * max(tiles, 1)),
-            "geometry": geoms}
+            "patch_embeds": assemble(f.patch_embeds), "grid": (gh * k, gw * k), "geometry": geoms}
 
 
-def encode_square_image(backbone: ClipBackbone, image: Any, tiles: int = 1) -> dict[str, Any]:
+def encode_square_image(backbone: ClipBackbone, image: Any, tiles: int = 1, input_size: int = 0,
+                        dense: str = "final") -> dict[str, Any]:
     """:func:`encode_square_images` for one image, unbatched: ``img_embed (D,)``, ``patches (P, Dv)``, ..."""
-    f = encode_square_images(backbone, [image], tiles)
+    f = encode_square_images(backbone, [image], tiles, input_size, dense)
     return {"img_embed": f["img_embed"][0], "patches": f["patches"][0], "patch_embeds": f["patch_embeds"][0],
             "grid": f["grid"], "geometry": f["geometry"][0]}
 
@@ -134,9 +171,12 @@ def grid_shape(num_patches: int) -> tuple[int, int]:
     return (side, side) if side * side == num_patches else (1, num_patches)
 
 
-def patch_grid(backbone: ClipBackbone, tiles: int = 1) -> tuple[int, int]:
-    """``(h, w)`` of the (tiled) patch grid, from the backbone's config."""
+def patch_grid(backbone: ClipBackbone, tiles: int = 1, input_size: int = 0, dense: str = "final"
+               ) -> tuple[int, int]:
+    """``(h, w)`` of the patch grid :func:`encode_square_images` gives, from the backbone's config."""
     vc = backbone.model.config.vision_config
+    if input_size:
+        return int(input_size) // int(vc.patch_size), int(input_size) // int(vc.patch_size)
     side = int(vc.image_size) // int(vc.patch_size) * max(tiles, 1)
     return side, side
 
@@ -171,8 +211,19 @@ class FusionRegressorConfig(MethodConfig):
         film: modulate patch tokens multiplicatively by the phrase embedding before fusion.
         anchor: regress the box centre as an offset from the soft-argmax of the per-patch
             target scores (else the [REG] MLP predicts it from scratch).
+        peak: also predict a box at every (merged) patch, from its fused token and the
+            ``[REG]`` output, and answer with the box of the most likely patch (CenterNet-style
+            "box at the peak"; the recipe trains each patch's box on the patches the target
+            covers). Precise where a soft-argmax centre would be pulled towards the middle.
         tiles: also encode the image as ``tiles x tiles`` tiles for a finer patch grid
             (see :func:`encode_square_images`); 1 = the whole image only.
+        input_size: encode the whole image at this side in pixels, with interpolated position
+            embeddings, for a finer patch grid (0 = the checkpoint's own size).
+        dense: joint-space patch embeddings for the similarity feature: ``"final"`` (last-layer
+            tokens) or ``"value"`` (MaskCLIP-style value path, see ``ClipBackbone.forward_image``).
+        merge: with ``merge = k > 1`` the projected patch grid gets a 3x3 convolution (local
+            context) and a ``k x k`` strided linear merge before the Transformer: a ``k``-times
+            shorter image sequence, so a fine grid stays affordable.
         prompt: template the phrase is put in before text encoding.
     """
 
@@ -185,18 +236,24 @@ class FusionRegressorConfig(MethodConfig):
     similarity: bool = True
     film: bool = True
     anchor: bool = True
+    peak: bool = False
     tiles: int = 1
+    input_size: int = 0
+    dense: str = "final"
+    merge: int = 1
     prompt: str = "{}"
 
 
 @dataclass
 class FusionOutput:
     """Head outputs: ``boxes (B, 4)`` normalized ``xyxy`` (not clipped), ``quality (B,)`` logits,
-    ``patch_logits (B, P)`` per-patch "inside the target" logits (auxiliary training signal)."""
+    ``patch_logits (B, P)`` per-patch "inside the target" logits (auxiliary training signal),
+    and with ``peak`` the box predicted at every patch, ``cell_boxes (B, P, 4)``."""
 
     boxes: torch.Tensor
     quality: torch.Tensor
     patch_logits: torch.Tensor
+    cell_boxes: torch.Tensor | None = None
 
 
 class FusionHead(nn.Module):
@@ -211,6 +268,16 @@ class FusionHead(nn.Module):
         self.img_pool_in = nn.Linear(embed_dim, d)
         self.txt_pool_in = nn.Linear(embed_dim, d)
         self.type_embed = nn.Embedding(3, d)  # 0: [REG], 1: image, 2: text
+        gh, gw = grid_shape(num_patches)
+        self.merge = max(int(cfg.merge), 1)
+        self.neck = None
+        if self.merge > 1:
+            if gh % self.merge or gw % self.merge:
+                raise ClipgroundError(f"merge={self.merge} does not divide the {gh}x{gw} patch grid")
+            self.neck = nn.Sequential(nn.Conv2d(d, d, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(d, d, self.merge, stride=self.merge))
+            gh, gw = gh // self.merge, gw // self.merge
+            num_patches = gh * gw
         self.img_pos = nn.Parameter(torch.randn(1 + num_patches, d) * 0.02)
         self.txt_pos = nn.Parameter(torch.randn(1 + max_text, d) * 0.02)
         self.reg_token = nn.Parameter(torch.randn(d) * 0.02)
@@ -224,7 +291,9 @@ class FusionHead(nn.Module):
         self.sim_in = nn.Linear(2, d) if cfg.similarity else None
         self.film = nn.Linear(embed_dim, d) if cfg.film else None
         self.anchor = cfg.anchor
-        gh, gw = grid_shape(num_patches)
+        self.grid = (gh, gw)
+        self.cell_head = nn.Sequential(nn.Linear(2 * d, h), nn.LeakyReLU(0.1), nn.Linear(h, h), nn.LeakyReLU(0.1),
+                                       nn.Linear(h, 4)) if cfg.peak else None
         ys, xs = torch.meshgrid((torch.arange(gh) + 0.5) / gh, (torch.arange(gw) + 0.5) / gw, indexing="ij")
         self.register_buffer("centers", torch.stack([xs.flatten(), ys.flatten()], -1), persistent=False)
 
@@ -242,6 +311,10 @@ class FusionHead(nn.Module):
             pt = pt * (1 + self.film(txt_embed)[:, None])
         if self.sim_in is not None:
             pt = pt + self.sim_in(patch_text_similarity(patch_embeds, txt_embed))
+        if self.neck is not None:
+            gh, gw = grid_shape(p)
+            pt = self.neck(pt.transpose(1, 2).reshape(b, -1, gh, gw)).flatten(2).transpose(1, 2)
+            p = pt.shape[1]
         img = torch.cat([self.img_pool_in(img_embed)[:, None], pt], 1) + self.img_pos[: 1 + p]
         txt = torch.cat([self.txt_pool_in(txt_embed)[:, None], self.txt_in(txt_tokens)], 1) + self.txt_pos[: 1 + length]
         reg = self.reg_token.expand(b, 1, -1)
@@ -251,6 +324,15 @@ class FusionHead(nn.Module):
         x = self.encoder(x, src_key_padding_mask=~keep)
         out = self.head(x[:, 0])
         patch_logits = self.patch_head(x[:, 2 : 2 + p])[..., 0]
+        if self.cell_head is not None:
+            # A box at every patch: centre within two cells of the patch's own, size free.
+            raw = self.cell_head(torch.cat([x[:, 2 : 2 + p], x[:, :1].expand(-1, p, -1)], -1)).float()
+            cell = raw.new_tensor([1.0 / self.grid[1], 1.0 / self.grid[0]])
+            cxcy = self.centers[:p] + 2 * torch.tanh(raw[..., :2]) * cell
+            wh = raw[..., 2:4].sigmoid()
+            cell_boxes = torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1)
+            best = cell_boxes[torch.arange(b, device=x.device), patch_logits.argmax(-1)]
+            return FusionOutput(best, out[:, 4], patch_logits, cell_boxes)
         if not self.anchor:
             return FusionOutput(cxcywh_to_xyxy(out[:, :4]), out[:, 4], patch_logits)
         # Soft-argmax anchor: the score-weighted mean of patch centres, plus a learned offset.
@@ -271,12 +353,12 @@ class FusionRegressor(GroundingMethod):
 
     def __init__(self, backbone: ClipBackbone, config: FusionRegressorConfig | None = None):
         super().__init__(backbone, config)
-        gh, gw = patch_grid(backbone, self.config.tiles)
+        gh, gw = patch_grid(backbone, **dense_input(self.config))
         self.fusion = FusionHead(self.config, backbone.vision_width, backbone.text_width, backbone.embed_dim,
                                  gh * gw, backbone.max_text_tokens)
 
     def encode_image(self, state: ImageState) -> None:
-        state.features.update(encode_square_image(self.backbone, state.image, self.config.tiles))
+        state.features.update(encode_square_image(self.backbone, state.image, **dense_input(self.config)))
 
     def rank(self, state: ImageState, phrases: list[str]) -> list[Ranking]:
         if not phrases:

@@ -28,7 +28,7 @@ from ...backbone import ClipBackbone
 from ...data.records import GroundingRecord
 from ...errors import BadAnnotationError, ClipgroundError
 from ...methods.dense import Locator, LocatorConfig
-from ...methods.regression import box_losses, patch_grid
+from ...methods.regression import box_losses, dense_input, patch_grid
 from ..config import TrainConfig, load_config
 from ..trainer import Trainer
 from . import TrainArgs, register_recipe
@@ -36,7 +36,7 @@ from .regression import (
     Batch,
     CachedGroundingDataset,
     box_coverage,
-    check_tiles,
+    check_view,
     map_loss,
     FeatureCache,
     evaluate_dataset,
@@ -201,7 +201,7 @@ def train_locator(cfg: LocatorRecipeConfig, backbone: ClipBackbone, train: list[
                   val: list[GroundingRecord], cache: FeatureCache, masks: list[torch.Tensor | None] | None = None,
                   resume: bool = False, stop_after_steps: int | None = None) -> tuple[Locator, Any]:
     """Train a :class:`Locator` on cached features; returns the method and the trainer result."""
-    check_tiles(cache, cfg.model.tiles)
+    check_view(cache, cfg.model)
     torch.manual_seed(cfg.train.seed)
     method = Locator(backbone, cfg.model)
     ds = CachedGroundingDataset(cache, train, cfg.model.prompt, masks=masks)
@@ -226,11 +226,12 @@ def run(args: TrainArgs) -> Path:
     set_threads(cfg.num_threads)
     backbone = load_backbone(args)
     train, val, cache = prepare_data(args, backbone, cfg.model.prompt, cfg.eval_limit, cfg.train.seed,
-                                     flips=cfg.flips, progress=cfg.train.progress, tiles=cfg.model.tiles)
+                                     flips=cfg.flips, progress=cfg.train.progress,
+                                     view=dense_input(cfg.model))
     if len(train) < cfg.train.batch_size and cfg.train.drop_last:
         raise ClipgroundError(f"only {len(train)} training records for batch_size {cfg.train.batch_size}; "
                               f"lower batch_size (e.g. batch_size={max(1, len(train))})")
-    gh, gw = patch_grid(backbone, cfg.model.tiles)
+    gh, gw = patch_grid(backbone, **dense_input(cfg.model))
     masks = resolve_masks(cfg.masks, args.train, "train", train, cache, (gh * cfg.model.upsample, gw * cfg.model.upsample))
     method, result = train_locator(cfg, backbone, train, val, cache, masks=masks, resume=args.resume)
     return save_final(method, args.out, result)

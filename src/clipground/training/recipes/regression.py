@@ -34,8 +34,8 @@ from ...data.records import GroundingRecord
 from ...errors import BadAnnotationError, ClipgroundError
 from ...heatmaps import crop_fraction
 from ...images import load_image
-from ...methods.regression import (FusionRegressor, FusionRegressorConfig, box_losses, encode_square_images,
-                                  grid_shape)
+from ...methods.regression import (FusionRegressor, FusionRegressorConfig, box_losses, dense_input,
+                                  encode_square_images, grid_shape)
 from ..config import TrainConfig, load_config
 from ..trainer import Trainer
 from . import TrainArgs, register_recipe
@@ -145,7 +145,8 @@ class FeatureCache:
         txt_tokens: ``(E, L, Dt)`` token states (float16), padded to the longest phrase.
         txt_len: ``(E,)`` number of real tokens.
         fraction: the processor's crop fraction (for :func:`square_geometry`).
-        tiles: the tiling the image features were computed with.
+        view: the image-token options the features were computed with
+            (:func:`~clipground.methods.regression.dense_input`).
     """
 
     images: list[str]
@@ -158,7 +159,7 @@ class FeatureCache:
     txt_tokens: torch.Tensor
     txt_len: torch.Tensor
     fraction: float = 1.0
-    tiles: int = 1
+    view: dict[str, Any] = field(default_factory=lambda: {"tiles": 1, "input_size": 0, "dense": "final"})
     image_index: dict[str, int] = field(default_factory=dict)
     text_index: dict[str, int] = field(default_factory=dict)
 
@@ -199,18 +200,22 @@ def _chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecord], prompt: str = "{}",
                         cache_dir: str | os.PathLike | None = None, chunk: int = 256,
-                        progress: bool = True, tiles: int = 1) -> FeatureCache:
+                        progress: bool = True, tiles: int = 1, input_size: int = 0,
+                        dense: str = "final") -> FeatureCache:
     """Encode each distinct image and phrase of ``records`` once (resumable on disk).
 
-    With ``cache_dir=None`` everything stays in memory. ``tiles`` as in
-    :func:`~clipground.methods.regression.encode_square_images`.
+    With ``cache_dir=None`` everything stays in memory. ``tiles``, ``input_size`` and
+    ``dense`` as in :func:`~clipground.methods.regression.encode_square_images`.
     """
+    view = {"tiles": max(int(tiles), 1), "input_size": int(input_size), "dense": str(dense)}
     from tqdm.auto import tqdm
 
     images = list(dict.fromkeys(r.image for r in records))
     texts = list(dict.fromkeys(prompt.format(r.expression) for r in records))
     key_src = json.dumps({"v": CACHE_VERSION, "bb": _backbone_fingerprint(backbone), "images": images,
-                          "texts": texts, "tiles": tiles})
+                          "texts": texts,
+                          **({"tiles": tiles} if view == {"tiles": view["tiles"], "input_size": 0, "dense": "final"}
+                             else {"view": view})})
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else None
 
@@ -231,7 +236,7 @@ def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecor
     def enc_images(keys: Sequence[str]) -> dict[str, torch.Tensor]:
         pil = [load_keyed_image(k) for k in keys]
         sizes = torch.tensor([im.size for im in pil], dtype=torch.int64)
-        f = encode_square_images(backbone, pil, tiles)
+        f = encode_square_images(backbone, pil, **view)
         return {"sizes": sizes, "img_embed": f["img_embed"].float().cpu(), "patches": f["patches"].half().cpu(),
                 "patch_embeds": f["patch_embeds"].half().cpu()}
 
@@ -259,7 +264,7 @@ def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecor
         txt_tokens=tokens,
         txt_len=torch.cat([p["txt_len"] for p in tp]),
         fraction=crop_fraction(backbone.processor.image_processor),
-        tiles=max(tiles, 1),
+        view=view,
     )
 
 
@@ -371,10 +376,11 @@ def map_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits.sigmoid(), target)
 
 
-def check_tiles(cache: FeatureCache, tiles: int) -> None:
-    """Refuse to train a model on features of a different tiling."""
-    if cache.tiles != max(tiles, 1):
-        raise ClipgroundError(f"feature cache was built with tiles={cache.tiles} but the model has tiles={tiles}")
+def check_view(cache: FeatureCache, model_cfg: Any) -> None:
+    """Refuse to train a model on features made with other image-token options (tiles, input size, ...)."""
+    want = dense_input(model_cfg)
+    if cache.view != want:
+        raise ClipgroundError(f"feature cache was built with {cache.view} but the model wants {want}")
 
 
 def pixel_boxes(norm: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -417,13 +423,15 @@ def subset(records: list[GroundingRecord], limit: int, seed: int = 0) -> list[Gr
 
 @dataclass
 class FusionLossConfig:
-    """Loss weights: Smooth L1 and GIoU on normalized boxes, the IoU-quality head, and the
-    auxiliary per-patch map (BCE + Dice against the box's patch coverage)."""
+    """Loss weights: Smooth L1 and GIoU on normalized boxes, the IoU-quality head, the
+    auxiliary per-patch map (BCE + Dice against the box's patch coverage), and for a ``peak``
+    head the cross-entropy of the patch softmax against the coverage distribution."""
 
     l1: float = 5.0
     giou: float = 2.0
     quality: float = 1.0
     patch_map: float = 1.0
+    patch_ce: float = 1.0
 
 
 @dataclass
@@ -448,16 +456,36 @@ class FusionRecipeConfig:
 
 def fusion_loss(weights: FusionLossConfig) -> Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]:
     """The trainer's ``loss_fn`` for a :class:`~clipground.methods.regression.FusionHead`."""
+    from torchvision.ops import generalized_box_iou_loss
+
     from ...boxes import paired_iou
 
     def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(*batch.inputs())
-        l1, giou = box_losses(out.boxes, batch.boxes)
+        extra = {}
+        if out.cell_boxes is not None:
+            # Peak head: every patch the target covers learns the target's box (weighted by its
+            # coverage), and the patch softmax learns to peak on those patches.
+            b, p, _ = out.cell_boxes.shape
+            cov = box_coverage(batch.boxes, *grid_shape(p)).flatten(1)
+            w = cov / cov.sum(1, keepdim=True).clamp(min=1e-8)
+            tb = batch.boxes[:, None].expand(-1, p, -1)
+            l1_all = torch.nn.functional.smooth_l1_loss(out.cell_boxes, tb, beta=0.05, reduction="none").mean(-1)
+            giou_all = generalized_box_iou_loss(out.cell_boxes.reshape(-1, 4), tb.reshape(-1, 4),
+                                                reduction="none").view(b, p)
+            l1, giou = (l1_all * w).sum(1).mean(), (giou_all * w).sum(1).mean()
+            ce = -(w * out.patch_logits.float().log_softmax(1)).sum(1).mean()
+            extra = {"patch_ce": (weights.patch_ce, ce)}
+        else:
+            l1, giou = box_losses(out.boxes, batch.boxes)
         with torch.no_grad():
             iou = paired_iou(out.boxes.detach().float().clamp(0, 1), batch.boxes.clamp(0, 1))
         q = torch.nn.functional.binary_cross_entropy_with_logits(out.quality.float(), iou)
         loss = weights.l1 * l1 + weights.giou * giou + weights.quality * q
         metrics = {"l1": l1.detach(), "giou": giou.detach(), "quality": q.detach(), "iou": iou.mean()}
+        for name, (wt, term) in extra.items():
+            loss = loss + wt * term
+            metrics[name] = term.detach()
         if weights.patch_map > 0:
             target = box_coverage(batch.boxes, *grid_shape(out.patch_logits.shape[1])).flatten(1)
             pm = map_loss(out.patch_logits, target)
@@ -469,7 +497,7 @@ def fusion_loss(weights: FusionLossConfig) -> Callable[[torch.nn.Module, Batch],
 
 
 def prepare_data(args: TrainArgs, backbone: ClipBackbone, prompt: str, eval_limit: int, seed: int,
-                 flips: Sequence[str] = (), progress: bool = True, tiles: int = 1
+                 flips: Sequence[str] = (), progress: bool = True, view: dict[str, Any] | None = None
                  ) -> tuple[list[GroundingRecord], list[GroundingRecord], FeatureCache]:
     """Load train (+ flips) / val records and build (or reuse) their feature cache.
 
@@ -481,7 +509,7 @@ def prepare_data(args: TrainArgs, backbone: ClipBackbone, prompt: str, eval_limi
         val_path = str(Path(args.train) / "val.jsonl")
     val = subset(load_split(val_path, args.images, "val"), eval_limit, seed) if val_path else []
     cache_dir = Path(args.cache) if args.cache else Path(args.out) / "feature_cache"
-    cache = build_feature_cache(backbone, train + val, prompt, cache_dir, progress=progress, tiles=tiles)
+    cache = build_feature_cache(backbone, train + val, prompt, cache_dir, progress=progress, **(view or {}))
     return train, val, cache
 
 
@@ -489,7 +517,7 @@ def train_fusion_regressor(cfg: FusionRecipeConfig, backbone: ClipBackbone, trai
                            val: list[GroundingRecord], cache: FeatureCache, resume: bool = False,
                            stop_after_steps: int | None = None) -> tuple[FusionRegressor, Any]:
     """Train a :class:`FusionRegressor` on cached features; returns the method and the trainer result."""
-    check_tiles(cache, cfg.model.tiles)
+    check_view(cache, cfg.model)
     torch.manual_seed(cfg.train.seed)
     method = FusionRegressor(backbone, cfg.model)
     ds = CachedGroundingDataset(cache, train, cfg.model.prompt)
@@ -544,7 +572,8 @@ def run(args: TrainArgs) -> Path:
     set_threads(cfg.num_threads)
     backbone = load_backbone(args)
     train, val, cache = prepare_data(args, backbone, cfg.model.prompt, cfg.eval_limit, cfg.train.seed,
-                                     flips=cfg.flips, progress=cfg.train.progress, tiles=cfg.model.tiles)
+                                     flips=cfg.flips, progress=cfg.train.progress,
+                                     view=dense_input(cfg.model))
     if len(train) < cfg.train.batch_size and cfg.train.drop_last:
         raise ClipgroundError(f"only {len(train)} training records for batch_size {cfg.train.batch_size}; "
                               f"lower batch_size (e.g. batch_size={max(1, len(train))})")
