@@ -137,11 +137,16 @@ def square_geometry(width: int, height: int, fraction: float = 1.0) -> InputGeom
     return InputGeometry(side * fraction, side * fraction, margin, margin, width, height)
 
 
-def clip_square_input(backbone: ClipBackbone, image: Image.Image) -> tuple[Image.Image, InputGeometry]:
-    """:func:`pad_to_square` with the backbone processor's mean colour and crop fraction."""
+def clip_square_input(backbone: ClipBackbone, image: Image.Image, whole: bool = False
+                      ) -> tuple[Image.Image, InputGeometry]:
+    """:func:`pad_to_square` with the backbone processor's mean colour and crop fraction.
+
+    ``whole``: the square will be resized whole (``ClipBackbone.preprocess(size=...)``), so
+    its geometry keeps all of it whatever the processor's own centre crop.
+    """
     ip = backbone.processor.image_processor
     fill = tuple(getattr(ip, "image_mean", None) or (0.5, 0.5, 0.5))
-    return pad_to_square(image, fill, crop_fraction(ip))
+    return pad_to_square(image, fill, 1.0 if whole else crop_fraction(ip))
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -42,8 +42,8 @@ def main() -> None:
     import torch
 
     # Denormal floats count as zero on the CPU. Set before torch starts its worker threads
-    # (they inherit it): trained attention/softmax layers produce denormals whose x86
-    # arithmetic is many times slower (2.3x slower fusion-regressor backward measured).
+    # (they inherit the setting; set later it reaches the calling thread only): trained
+    # attention/softmax layers produce denormals, and x86 arithmetic on them is far slower.
     torch.set_flush_denormal(True)
     try:
         app(standalone_mode=False)

@@ -207,8 +207,9 @@ class Locator(GroundingMethod):
 
     def __init__(self, backbone: ClipBackbone, config: LocatorConfig | None = None):
         super().__init__(backbone, config)
+        view = dense_input(self.config)
         self.net = LocatorNet(self.config, backbone.vision_width, backbone.text_width, backbone.embed_dim,
-                              patch_grid(backbone, **dense_input(self.config)))
+                              patch_grid(backbone, view["tiles"], view["input_size"]))
 
     def encode_image(self, state: ImageState) -> None:
         state.features.update(encode_square_image(self.backbone, state.image, **dense_input(self.config)))

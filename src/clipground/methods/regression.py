@@ -51,7 +51,7 @@ from torch import nn
 from ..backbone import ClipBackbone, TextFeatures
 from ..backbone.clip import DENSE_EMBEDS
 from ..errors import ClipgroundError
-from ..heatmaps import InputGeometry, clip_square_input, crop_fraction, pad_to_square
+from ..heatmaps import InputGeometry, clip_square_input, crop_fraction
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
 
 
@@ -79,12 +79,8 @@ def square_views(backbone: ClipBackbone, image: Any, tiles: int = 1, input_size:
     """
     from PIL import Image
 
-    if input_size:
-        fill = tuple(getattr(backbone.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5))
-        sq, geom = pad_to_square(image, fill, 1.0)
-        return [sq], geom
-    sq, geom = clip_square_input(backbone, image)
-    if tiles <= 1:
+    sq, geom = clip_square_input(backbone, image, whole=bool(input_size))
+    if tiles <= 1 or input_size:
         return [sq], geom
     side = sq.size[0]
     frac = crop_fraction(backbone.processor.image_processor)
@@ -171,8 +167,7 @@ def grid_shape(num_patches: int) -> tuple[int, int]:
     return (side, side) if side * side == num_patches else (1, num_patches)
 
 
-def patch_grid(backbone: ClipBackbone, tiles: int = 1, input_size: int = 0, dense: str = "final"
-               ) -> tuple[int, int]:
+def patch_grid(backbone: ClipBackbone, tiles: int = 1, input_size: int = 0) -> tuple[int, int]:
     """``(h, w)`` of the patch grid :func:`encode_square_images` gives, from the backbone's config."""
     vc = backbone.model.config.vision_config
     if input_size:
@@ -187,13 +182,21 @@ def cxcywh_to_xyxy(raw: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
-def box_losses(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean Smooth L1 and mean GIoU loss of normalized ``xyxy`` boxes ``(B, 4)``."""
+def box_losses(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth L1 and GIoU loss of normalized ``xyxy`` boxes ``(..., 4)``.
+
+    Plain means without ``weights``; with ``weights`` (the boxes' leading shape, e.g. ``(B, P)``
+    summing to 1 over the last axis) each row's weighted sum, averaged over rows.
+    """
     from torchvision.ops import generalized_box_iou_loss
 
-    l1 = F.smooth_l1_loss(pred, target, beta=0.05, reduction="mean")
-    giou = generalized_box_iou_loss(pred, target, reduction="mean")
-    return l1, giou
+    if weights is None:
+        return (F.smooth_l1_loss(pred, target, beta=0.05, reduction="mean"),
+                generalized_box_iou_loss(pred, target, reduction="mean"))
+    l1 = F.smooth_l1_loss(pred, target, beta=0.05, reduction="none").mean(-1)
+    giou = generalized_box_iou_loss(pred.reshape(-1, 4), target.reshape(-1, 4), reduction="none").view(weights.shape)
+    return (l1 * weights).sum(-1).mean(), (giou * weights).sum(-1).mean()
 
 
 @dataclass
@@ -353,7 +356,8 @@ class FusionRegressor(GroundingMethod):
 
     def __init__(self, backbone: ClipBackbone, config: FusionRegressorConfig | None = None):
         super().__init__(backbone, config)
-        gh, gw = patch_grid(backbone, **dense_input(self.config))
+        view = dense_input(self.config)
+        gh, gw = patch_grid(backbone, view["tiles"], view["input_size"])
         self.fusion = FusionHead(self.config, backbone.vision_width, backbone.text_width, backbone.embed_dim,
                                  gh * gw, backbone.max_text_tokens)
 

@@ -231,7 +231,8 @@ def run(args: TrainArgs) -> Path:
     if len(train) < cfg.train.batch_size and cfg.train.drop_last:
         raise ClipgroundError(f"only {len(train)} training records for batch_size {cfg.train.batch_size}; "
                               f"lower batch_size (e.g. batch_size={max(1, len(train))})")
-    gh, gw = patch_grid(backbone, **dense_input(cfg.model))
+    view = dense_input(cfg.model)
+    gh, gw = patch_grid(backbone, view["tiles"], view["input_size"])
     masks = resolve_masks(cfg.masks, args.train, "train", train, cache, (gh * cfg.model.upsample, gw * cfg.model.upsample))
     method, result = train_locator(cfg, backbone, train, val, cache, masks=masks, resume=args.resume)
     return save_final(method, args.out, result)

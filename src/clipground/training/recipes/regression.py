@@ -213,9 +213,7 @@ def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecor
     images = list(dict.fromkeys(r.image for r in records))
     texts = list(dict.fromkeys(prompt.format(r.expression) for r in records))
     key_src = json.dumps({"v": CACHE_VERSION, "bb": _backbone_fingerprint(backbone), "images": images,
-                          "texts": texts,
-                          **({"tiles": tiles} if view == {"tiles": view["tiles"], "input_size": 0, "dense": "final"}
-                             else {"view": view})})
+                          "texts": texts, "view": view})
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else None
 
@@ -456,8 +454,6 @@ class FusionRecipeConfig:
 
 def fusion_loss(weights: FusionLossConfig) -> Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]:
     """The trainer's ``loss_fn`` for a :class:`~clipground.methods.regression.FusionHead`."""
-    from torchvision.ops import generalized_box_iou_loss
-
     from ...boxes import paired_iou
 
     def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -466,14 +462,10 @@ def fusion_loss(weights: FusionLossConfig) -> Callable[[torch.nn.Module, Batch],
         if out.cell_boxes is not None:
             # Peak head: every patch the target covers learns the target's box (weighted by its
             # coverage), and the patch softmax learns to peak on those patches.
-            b, p, _ = out.cell_boxes.shape
+            p = out.cell_boxes.shape[1]
             cov = box_coverage(batch.boxes, *grid_shape(p)).flatten(1)
             w = cov / cov.sum(1, keepdim=True).clamp(min=1e-8)
-            tb = batch.boxes[:, None].expand(-1, p, -1)
-            l1_all = torch.nn.functional.smooth_l1_loss(out.cell_boxes, tb, beta=0.05, reduction="none").mean(-1)
-            giou_all = generalized_box_iou_loss(out.cell_boxes.reshape(-1, 4), tb.reshape(-1, 4),
-                                                reduction="none").view(b, p)
-            l1, giou = (l1_all * w).sum(1).mean(), (giou_all * w).sum(1).mean()
+            l1, giou = box_losses(out.cell_boxes, batch.boxes[:, None].expand(-1, p, -1), w)
             ce = -(w * out.patch_logits.float().log_softmax(1)).sum(1).mean()
             extra = {"patch_ce": (weights.patch_ce, ce)}
         else:
