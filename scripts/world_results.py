@@ -76,7 +76,8 @@ class Entry:
         dir: directory saved by ``clipground train`` (``Grounder.from_pretrained``).
         proposals: ``gt`` (the world's ``instances_{split}.json``), or any ``--proposals`` spec;
             ``None``: selective search for ``method`` entries, as trained for ``dir`` entries.
-        options: method config fields of a ``method`` entry.
+        options: method config fields of a ``method`` entry; for a ``dir`` entry, the trained
+            method's inference options only (e.g. the fusion regressor's ``tta``).
         train_command: how to create ``dir`` (shown while it does not exist).
     """
 
@@ -115,9 +116,6 @@ def parse_config(data: Any, source: str = "config") -> tuple[list[str], list[Ent
             raise WorldResultsError(f"{source}: entry {e.name!r} needs exactly one of 'method' or 'dir'")
         if e.method is not None and not e.backbone:
             raise WorldResultsError(f"{source}: entry {e.name!r} needs a 'backbone'")
-        if e.dir is not None and e.options:
-            raise WorldResultsError(f"{source}: entry {e.name!r}: 'options' apply to 'method' entries only "
-                                    "(a trained directory keeps its saved config)")
         entries.append(e)
     for attr in ("name", "slug"):
         seen = [getattr(e, attr) for e in entries]
@@ -267,7 +265,7 @@ class _Builder:
         from clipground.methods import get_method_class
 
         if entry.dir is not None:
-            return Grounder.from_pretrained(entry.dir, proposals=proposals)
+            return Grounder.from_pretrained(entry.dir, proposals=proposals, options=entry.options)
         get_method_class(entry.method)  # an unknown name fails before any checkpoint is loaded
         ref = self.override or entry.backbone
         if ref not in self.backbones:

@@ -135,17 +135,26 @@ class Grounder:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, proposals: str | ProposalSource | None = None,
-                        device: str = "cpu") -> "Grounder":
+                        device: str = "cpu", options: dict[str, Any] | None = None) -> "Grounder":
         """Load a grounder saved by :meth:`save_pretrained`.
 
         A directory without ``grounder.json`` (a plain CLIP checkpoint, hub id or bundled
-        name) loads as the zero-shot method on that backbone.
+        name) loads as the zero-shot method on that backbone, with ``options`` as its config.
+        For a trained method, ``options`` may set only its inference options
+        (``GroundingMethod.inference_options``, e.g. the fusion regressor's ``tta``).
         """
         p = Path(path)
         if not (p / "grounder.json").is_file():
-            return cls.load("zero-shot", backbone=str(path), proposals=proposals or "selective-search", device=device)
+            return cls.load("zero-shot", backbone=str(path), proposals=proposals or "selective-search", device=device,
+                            **(options or {}))
         meta = json.loads((p / "grounder.json").read_text())
         mcls = get_method_class(meta["method"])
+        fixed = sorted(set(options or {}) - set(mcls.inference_options))
+        if fixed:
+            allowed = ", ".join(mcls.inference_options) or "none"
+            raise ClipgroundError(f"{p}: option(s) {fixed} are fixed by training; a trained {mcls.name} "
+                                  f"accepts only its inference options ({allowed})")
+        meta["config"] = {**meta["config"], **(options or {})}
         bb_ref = meta["backbone"]
         bb_path = p / "backbone" if mcls.saves_backbone and (p / "backbone").is_dir() else bb_ref
         bb = ClipBackbone.from_pretrained(bb_path, device=device)

@@ -167,11 +167,8 @@ def test_recipe_rejects_bad_override(tmp_path: Path, tiny_clip_dir: Path) -> Non
 
 
 def test_flip_augmentation_keeps_expressions_true(tmp_path: Path, tiny_clip_dir: Path) -> None:
-    from clipground.training.recipes.regression import add_flips, flip_expression, load_keyed_image
+    from clipground.training.recipes.regression import add_flips, load_keyed_image
 
-    assert flip_expression("the leftmost red box left of the top circle", "h") == \
-        "the rightmost red box right of the top circle"
-    assert flip_expression("the square above the bottommost star", "hv") == "the square below the topmost star"
     recs = make_scenes(tmp_path, n=2)
     aug = add_flips(recs, ["h", "v"])
     assert len(aug) == 3 * len(recs)
@@ -306,3 +303,34 @@ def test_peak_head_answers_with_the_best_patch_box() -> None:
     loss.backward()
     g = spy.out.cell_boxes.grad.abs().sum(-1)
     assert (g[:, 0] > 0).all() and (g[:, 1:] == 0).all() and metrics["patch_ce"] > 0
+
+
+def test_test_time_mirrors_vote_on_boxes_mapped_back(tmp_path: Path, tiny_clip_dir: Path,
+                                                     small_cfg: FusionRecipeConfig) -> None:
+    from clipground.errors import ClipgroundError
+    from clipground.mirror import flip_box, flip_expression, flip_image, vote_boxes
+
+    recs = make_scenes(tmp_path, n=2)
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)
+    small_cfg.train.max_steps, small_cfg.train.batch_size = 3, 4
+    small_cfg.train.output_dir = str(tmp_path / "run")
+    method, _ = train_fusion_regressor(small_cfg, bb, recs, [], build_feature_cache(bb, recs, progress=False))
+    Grounder(method).save_pretrained(tmp_path / "saved")
+    plain = Grounder.from_pretrained(tmp_path / "saved")
+    tta = Grounder.from_pretrained(tmp_path / "saved", options={"tta": ["h", "v"]})
+    assert tta.method.config.tta == ("h", "v") and plain.method.config.tta == ()
+    img = Image.open(recs[0].image).convert("RGB")
+    w, h = img.size
+    phrase = "the red box left of the top blue box"
+    # Each mirrored view is the plain model on the mirrored image and phrase, mapped back.
+    p = plain(img, phrase)
+    boxes, scores = [p.box], [p.score]
+    for kind in ("h", "v"):
+        p = plain(flip_image(img, kind), flip_expression(phrase, kind))
+        boxes.append(flip_box(p.box, kind, w, h))
+        scores.append(p.score)
+    want, score = vote_boxes(torch.tensor(boxes), torch.tensor(scores))
+    got = tta(img, phrase)
+    assert max(abs(a - b) for a, b in zip(got.box, want.tolist())) < 1e-4 and abs(got.score - float(score)) < 1e-5
+    with pytest.raises(ClipgroundError, match="fixed by training"):
+        Grounder.from_pretrained(tmp_path / "saved", options={"dim": 8})

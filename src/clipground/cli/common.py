@@ -53,5 +53,6 @@ def build_grounder(method: str, backbone: str, proposals: str, options: list[str
 
     quiet_transformers()
     if os.path.isdir(method):
-        return Grounder.from_pretrained(method, proposals=None if proposals == "selective-search" else proposals)
+        return Grounder.from_pretrained(method, proposals=None if proposals == "selective-search" else proposals,
+                                        options=parse_options(options))
     return Grounder.load(method=method, backbone=backbone, proposals=proposals, **parse_options(options))

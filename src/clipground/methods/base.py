@@ -77,6 +77,8 @@ class GroundingMethod(nn.Module):
         uses_proposals: whether :class:`~clipground.Grounder` must run a proposal source.
         trainable: whether ``clipground train`` can fit it.
         saves_backbone: whether a saved method must include the (fine-tuned) backbone.
+        inference_options: config fields that only change inference, so a trained method
+            loaded by ``Grounder.from_pretrained(dir, options=...)`` may override them.
     """
 
     name: ClassVar[str] = ""
@@ -84,6 +86,7 @@ class GroundingMethod(nn.Module):
     uses_proposals: ClassVar[bool] = True
     trainable: ClassVar[bool] = False
     saves_backbone: ClassVar[bool] = False
+    inference_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None):
         super().__init__()

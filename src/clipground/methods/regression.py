@@ -52,6 +52,7 @@ from ..backbone import ClipBackbone, TextFeatures
 from ..backbone.clip import DENSE_EMBEDS
 from ..errors import ClipgroundError
 from ..heatmaps import InputGeometry, clip_square_input, crop_fraction
+from ..mirror import check_kinds, flip_box, flip_expression, flip_image, vote_boxes
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
 
 
@@ -227,6 +228,10 @@ class FusionRegressorConfig(MethodConfig):
         merge: with ``merge = k > 1`` the projected patch grid gets a 3x3 convolution (local
             context) and a ``k x k`` strided linear merge before the Transformer: a ``k``-times
             shorter image sequence, so a fine grid stays affordable.
+        tta: test-time mirror views (any of ``h``, ``v``, ``hv``): the image is also encoded
+            mirrored, the phrase's spatial words swapped to match (:mod:`clipground.mirror`),
+            and the views' boxes, mapped back, vote (:func:`~clipground.mirror.vote_boxes`).
+            Inference only: a trained model may be loaded with it.
         prompt: template the phrase is put in before text encoding.
     """
 
@@ -244,6 +249,7 @@ class FusionRegressorConfig(MethodConfig):
     input_size: int = 0
     dense: str = "final"
     merge: int = 1
+    tta: tuple[str, ...] = ()
     prompt: str = "{}"
 
 
@@ -353,26 +359,46 @@ class FusionRegressor(GroundingMethod):
     Config = FusionRegressorConfig
     uses_proposals = False
     trainable = True
+    inference_options = ("tta",)
 
     def __init__(self, backbone: ClipBackbone, config: FusionRegressorConfig | None = None):
         super().__init__(backbone, config)
         view = dense_input(self.config)
+        self.mirrors = [""] + check_kinds(self.config.tta)
         gh, gw = patch_grid(backbone, view["tiles"], view["input_size"])
         self.fusion = FusionHead(self.config, backbone.vision_width, backbone.text_width, backbone.embed_dim,
                                  gh * gw, backbone.max_text_tokens)
 
     def encode_image(self, state: ImageState) -> None:
-        state.features.update(encode_square_image(self.backbone, state.image, **dense_input(self.config)))
+        view = dense_input(self.config)
+        state.features["views"] = {k: encode_square_image(self.backbone, flip_image(state.image, k), **view)
+                                   for k in self.mirrors}
+
+    def _boxes(self, f: dict[str, Any], text: TextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel boxes ``(n, 4)`` and scores ``(n,)`` of one view's features for ``n`` phrases."""
+        n = len(text.embeds)
+        out = self.fusion(f["img_embed"].expand(n, -1), f["patches"].expand(n, -1, -1),
+                          f["patch_embeds"].expand(n, -1, -1), text.embeds, text.tokens, text.mask)
+        geom: InputGeometry = f["geometry"]
+        return geom.to_pixels(out.boxes.clamp(0, 1)), out.quality.sigmoid()
 
     def rank(self, state: ImageState, phrases: list[str]) -> list[Ranking]:
         if not phrases:
             return []
-        t = encode_phrases(self.backbone, phrases, self.config.prompt)
-        f = state.features
-        n = len(phrases)
-        out = self.fusion(f["img_embed"].expand(n, -1), f["patches"].expand(n, -1, -1),
-                          f["patch_embeds"].expand(n, -1, -1), t.embeds, t.tokens, t.mask)
-        geom: InputGeometry = f["geometry"]
-        boxes = geom.to_pixels(out.boxes.clamp(0, 1))
-        scores = out.quality.sigmoid()
-        return [Ranking(boxes[i : i + 1], scores[i : i + 1]) for i in range(n)]
+        views = state.features["views"]
+        w, h = state.size
+        per_view = []
+        for kind in self.mirrors:
+            text = encode_phrases(self.backbone, [flip_expression(p, kind) for p in phrases], self.config.prompt)
+            boxes, scores = self._boxes(views[kind], text)
+            if kind:
+                boxes = boxes.new_tensor([flip_box(b, kind, w, h) for b in boxes.tolist()])
+            per_view.append((boxes, scores))
+        if len(per_view) == 1:
+            boxes, scores = per_view[0]
+            return [Ranking(boxes[i : i + 1], scores[i : i + 1]) for i in range(len(phrases))]
+        out = []
+        for i in range(len(phrases)):
+            box, score = vote_boxes(torch.stack([b[i] for b, _ in per_view]), torch.stack([s[i] for _, s in per_view]))
+            out.append(Ranking(box[None], score[None]))
+        return out

@@ -29,6 +29,7 @@ from ...data.records import GroundingRecord
 from ...errors import BadAnnotationError, ClipgroundError
 from ...methods.dense import Locator, LocatorConfig
 from ...methods.regression import box_losses, dense_input, patch_grid
+from ...mirror import flip_box
 from ..config import TrainConfig, load_config
 from ..trainer import Trainer
 from . import TrainArgs, register_recipe
@@ -40,7 +41,6 @@ from .regression import (
     map_loss,
     FeatureCache,
     evaluate_dataset,
-    flip_box,
     load_backbone,
     prepare_data,
     save_final,

@@ -34,6 +34,7 @@ from ...data.records import GroundingRecord
 from ...errors import BadAnnotationError, ClipgroundError
 from ...heatmaps import crop_fraction
 from ...images import load_image
+from ...mirror import FLIP_KINDS, check_kinds, flip_box, flip_expression, flip_image
 from ...methods.regression import (FusionRegressor, FusionRegressorConfig, box_losses, dense_input,
                                   encode_square_images, grid_shape)
 from ..config import TrainConfig, load_config
@@ -60,22 +61,6 @@ def load_split(path: str, images: str | None, split: str) -> list[GroundingRecor
 
 # --------------------------------------------------------------------------- flips
 
-#: Word swaps that keep an expression true when the image is mirrored.
-FLIP_WORDS: dict[str, dict[str, str]] = {
-    "h": {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"},
-    "v": {"top": "bottom", "bottom": "top", "topmost": "bottommost", "bottommost": "topmost", "above": "below",
-          "below": "above", "upper": "lower", "lower": "upper"},
-}
-FLIP_KINDS = ("h", "v", "hv")
-
-
-def flip_expression(text: str, kind: str) -> str:
-    """Swap the spatial words a mirror flips (``h``: left/right, ``v``: top/bottom, ``hv``: both)."""
-    words = text.split(" ")
-    for k in kind:
-        words = [FLIP_WORDS[k].get(w, w) for w in words]
-    return " ".join(words)
-
 
 def split_key(key: str) -> tuple[str, str]:
     """``path#kind`` -> ``(path, kind)``; a plain path -> ``(path, "")``."""
@@ -83,27 +68,10 @@ def split_key(key: str) -> tuple[str, str]:
     return (path, kind) if sep and kind in FLIP_KINDS else (key, "")
 
 
-def flip_box(box: Sequence[float], kind: str, width: int, height: int) -> list[float]:
-    """Mirror an ``xyxy`` pixel box like the image (self-inverse)."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if "h" in kind:
-        x1, x2 = width - x2, width - x1
-    if "v" in kind:
-        y1, y2 = height - y2, height - y1
-    return [x1, y1, x2, y2]
-
-
 def load_keyed_image(key: str) -> Any:
     """Load ``path`` or a flipped view ``path#h`` / ``path#v`` / ``path#hv`` (feature-cache keys)."""
-    from PIL import Image
-
     path, kind = split_key(key)
-    img = load_image(path)
-    if "h" in kind:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if "v" in kind:
-        img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-    return img
+    return flip_image(load_image(path), kind)
 
 
 def add_flips(records: Sequence[GroundingRecord], kinds: Sequence[str]) -> list[GroundingRecord]:
@@ -112,9 +80,7 @@ def add_flips(records: Sequence[GroundingRecord], kinds: Sequence[str]) -> list[
     Training-set augmentation: a mirrored scene with "left" and "right" swapped describes
     the mirrored object, so the copies are as correct as the originals.
     """
-    bad = [k for k in kinds if k not in FLIP_KINDS]
-    if bad:
-        raise ClipgroundError(f"unknown flip kind(s) {bad}; use h, v or hv")
+    kinds = check_kinds(kinds)
     sizes: dict[str, tuple[int, int]] = {}
     out = list(records)
     for kind in kinds:
