@@ -334,3 +334,30 @@ def test_test_time_mirrors_vote_on_boxes_mapped_back(tmp_path: Path, tiny_clip_d
     assert max(abs(a - b) for a, b in zip(got.box, want.tolist())) < 1e-4 and abs(got.score - float(score)) < 1e-5
     with pytest.raises(ClipgroundError, match="fixed by training"):
         Grounder.from_pretrained(tmp_path / "saved", options={"dim": 8})
+
+
+def test_relative_position_bias_starts_neutral_and_only_touches_image_pairs() -> None:
+    from clipground.methods.regression import FusionHead, FusionRegressorConfig
+
+    torch.manual_seed(0)
+    kw = dict(dim=16, layers=2, heads=2, head_hidden=16, dropout=0.0, peak=True, merge=2)
+    head = FusionHead(FusionRegressorConfig(**kw, rel_pos=True), 8, 8, 8, num_patches=16, max_text=4).eval()
+    plain = FusionHead(FusionRegressorConfig(**kw), 8, 8, 8, num_patches=16, max_text=4).eval()
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if k != "rel_bias"})
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[0, 2:] = False
+    x = (torch.randn(3, 8), torch.randn(3, 16, 8), torch.randn(3, 16, 8), torch.randn(3, 8), torch.randn(3, 4, 8), mask)
+    # A zero bias is the plain encoder (padding still masked); a trained bias changes the answer.
+    assert torch.allclose(head(*x).cell_boxes, plain(*x).cell_boxes, atol=1e-5)
+    assert head.rel_bias.shape == (2, 2, 9) and head.rel_index.shape == (4, 4)  # 2x2 merged grid: 3x3 offsets
+    with torch.no_grad():
+        head.rel_bias.normal_()
+    out = head(*x)
+    assert not torch.allclose(out.patch_logits, plain(*x).patch_logits, atol=1e-3)
+    out.patch_logits.sum().backward()
+    assert head.rel_bias.grad.abs().sum() > 0
+    # Padded text tokens stay invisible: changing them changes nothing.
+    y = list(x)
+    y[4] = x[4].clone()
+    y[4][0, 2:] = 100.0
+    assert torch.allclose(head(*y).boxes[0], out.boxes[0].detach(), atol=1e-5)

@@ -228,6 +228,9 @@ class FusionRegressorConfig(MethodConfig):
         merge: with ``merge = k > 1`` the projected patch grid gets a 3x3 convolution (local
             context) and a ``k x k`` strided linear merge before the Transformer: a ``k``-times
             shorter image sequence, so a fine grid stays affordable.
+        rel_pos: a learned bias per layer, head and 2-D offset between image tokens, added to
+            their attention logits (as Swin's relative position bias), so "the patch left of
+            me" is one learned number instead of something to infer from absolute positions.
         tta: test-time mirror views (any of ``h``, ``v``, ``hv``): the image is also encoded
             mirrored, the phrase's spatial words swapped to match (:mod:`clipground.mirror`),
             and the views' boxes, mapped back, vote (:func:`~clipground.mirror.vote_boxes`).
@@ -249,6 +252,7 @@ class FusionRegressorConfig(MethodConfig):
     input_size: int = 0
     dense: str = "final"
     merge: int = 1
+    rel_pos: bool = False
     tta: tuple[str, ...] = ()
     prompt: str = "{}"
 
@@ -293,6 +297,14 @@ class FusionHead(nn.Module):
         layer = nn.TransformerEncoderLayer(d, cfg.heads, cfg.ff_mult * d, cfg.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        self.heads = cfg.heads
+        self.rel_bias = None
+        if cfg.rel_pos:
+            self.rel_bias = nn.Parameter(torch.zeros(cfg.layers, cfg.heads, (2 * gh - 1) * (2 * gw - 1)))
+            ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+            dy = ys.flatten()[:, None] - ys.flatten()[None]
+            dx = xs.flatten()[:, None] - xs.flatten()[None]
+            self.register_buffer("rel_index", (dy + gh - 1) * (2 * gw - 1) + dx + gw - 1, persistent=False)
         h = cfg.head_hidden
         self.head = nn.Sequential(nn.Linear(d, h), nn.LeakyReLU(0.1), nn.Linear(h, h), nn.LeakyReLU(0.1),
                                   nn.Linear(h, 5))
@@ -330,7 +342,10 @@ class FusionHead(nn.Module):
         types = self.type_embed.weight
         x = torch.cat([reg + types[0], img + types[1], txt + types[2]], 1)
         keep = torch.cat([torch.ones(b, 3 + p, dtype=torch.bool, device=x.device), txt_mask.bool()], 1)
-        x = self.encoder(x, src_key_padding_mask=~keep)
+        if self.rel_bias is None:
+            x = self.encoder(x, src_key_padding_mask=~keep)
+        else:
+            x = self._encode_with_rel_bias(x, keep, p)
         out = self.head(x[:, 0])
         patch_logits = self.patch_head(x[:, 2 : 2 + p])[..., 0]
         if self.cell_head is not None:
@@ -349,6 +364,18 @@ class FusionHead(nn.Module):
         cxcy = c + out[:, :2]
         wh = out[:, 2:4].sigmoid()
         return FusionOutput(torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1), out[:, 4], patch_logits)
+
+
+    def _encode_with_rel_bias(self, x: torch.Tensor, keep: torch.Tensor, p: int) -> torch.Tensor:
+        """The encoder with each layer's relative position bias on image-token pairs (and the
+        padding as ``-inf``) in one additive ``(B * heads, L, L)`` attention mask."""
+        b, length, _ = x.shape
+        pad = torch.zeros(b, length, dtype=x.dtype, device=x.device).masked_fill(~keep, float("-inf"))
+        for i, layer in enumerate(self.encoder.layers):
+            mask = pad[:, None, None, :].expand(b, self.heads, length, length).clone()
+            mask[:, :, 2 : 2 + p, 2 : 2 + p] += self.rel_bias[i][:, self.rel_index].to(x.dtype)
+            x = layer(x, src_mask=mask.reshape(b * self.heads, length, length))
+        return self.encoder.norm(x)
 
 
 @register_method
