@@ -365,7 +365,6 @@ class FusionHead(nn.Module):
         wh = out[:, 2:4].sigmoid()
         return FusionOutput(torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1), out[:, 4], patch_logits)
 
-
     def _encode_with_rel_bias(self, x: torch.Tensor, keep: torch.Tensor, p: int) -> torch.Tensor:
         """The encoder with each layer's relative position bias on image-token pairs (and the
         padding as ``-inf``) in one additive ``(B * heads, L, L)`` attention mask."""
