@@ -59,7 +59,12 @@ from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_m
 def dense_input(cfg: Any) -> dict[str, Any]:
     """The image-token options of a dense method's config (``tiles``, ``input_size``, ``dense``),
     as keyword arguments of :func:`encode_square_images` and the feature cache."""
-    view = {"tiles": max(int(cfg.tiles), 1), "input_size": int(cfg.input_size), "dense": str(cfg.dense)}
+    return dense_view(cfg.tiles, cfg.input_size, cfg.dense)
+
+
+def dense_view(tiles: int = 1, input_size: int = 0, dense: str = "final") -> dict[str, Any]:
+    """Image-token options checked and normalized (the form the feature cache records)."""
+    view = {"tiles": max(int(tiles), 1), "input_size": int(input_size), "dense": str(dense)}
     if view["input_size"] < 0:
         raise ClipgroundError(f"input_size must be >= 0 (0 = the checkpoint's own), got {view['input_size']}")
     if view["input_size"] and view["tiles"] > 1:
@@ -396,9 +401,12 @@ class FusionRegressor(GroundingMethod):
                                  gh * gw, backbone.max_text_tokens)
 
     def encode_image(self, state: ImageState) -> None:
-        view = dense_input(self.config)
-        state.features["views"] = {k: encode_square_image(self.backbone, flip_image(state.image, k), **view)
-                                   for k in self.mirrors}
+        # The image and its mirrors (``tta``) in one backbone pass.
+        f = encode_square_images(self.backbone, [flip_image(state.image, k) for k in self.mirrors],
+                                 **dense_input(self.config))
+        state.features["views"] = {k: {"img_embed": f["img_embed"][i], "patches": f["patches"][i],
+                                       "patch_embeds": f["patch_embeds"][i], "geometry": f["geometry"][i]}
+                                   for i, k in enumerate(self.mirrors)}
 
     def _boxes(self, f: dict[str, Any], text: TextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel boxes ``(n, 4)`` and scores ``(n,)`` of one view's features for ``n`` phrases."""
@@ -413,10 +421,16 @@ class FusionRegressor(GroundingMethod):
             return []
         views = state.features["views"]
         w, h = state.size
+        # Every distinct phrase of every view through the text tower once (most phrases have
+        # no word a mirror swaps, so their views share one text).
+        texts = {kind: [flip_expression(p, kind) for p in phrases] for kind in self.mirrors}
+        unique = list(dict.fromkeys(t for ts in texts.values() for t in ts))
+        enc = encode_phrases(self.backbone, unique, self.config.prompt)
+        row = {t: i for i, t in enumerate(unique)}
         per_view = []
         for kind in self.mirrors:
-            text = encode_phrases(self.backbone, [flip_expression(p, kind) for p in phrases], self.config.prompt)
-            boxes, scores = self._boxes(views[kind], text)
+            ix = torch.tensor([row[t] for t in texts[kind]], device=enc.embeds.device)
+            boxes, scores = self._boxes(views[kind], TextFeatures(enc.embeds[ix], enc.tokens[ix], enc.mask[ix]))
             if kind:
                 boxes = boxes.new_tensor([flip_box(b, kind, w, h) for b in boxes.tolist()])
             per_view.append((boxes, scores))

@@ -225,13 +225,12 @@ def run(args: TrainArgs) -> Path:
     cfg.train.output_dir = args.out
     set_threads(cfg.num_threads)
     backbone = load_backbone(args)
+    view = dense_input(cfg.model)
     train, val, cache = prepare_data(args, backbone, cfg.model.prompt, cfg.eval_limit, cfg.train.seed,
-                                     flips=cfg.flips, progress=cfg.train.progress,
-                                     view=dense_input(cfg.model))
+                                     flips=cfg.flips, progress=cfg.train.progress, view=view)
     if len(train) < cfg.train.batch_size and cfg.train.drop_last:
         raise ClipgroundError(f"only {len(train)} training records for batch_size {cfg.train.batch_size}; "
                               f"lower batch_size (e.g. batch_size={max(1, len(train))})")
-    view = dense_input(cfg.model)
     gh, gw = patch_grid(backbone, view["tiles"], view["input_size"])
     masks = resolve_masks(cfg.masks, args.train, "train", train, cache, (gh * cfg.model.upsample, gw * cfg.model.upsample))
     method, result = train_locator(cfg, backbone, train, val, cache, masks=masks, resume=args.resume)

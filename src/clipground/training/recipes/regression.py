@@ -36,7 +36,7 @@ from ...heatmaps import crop_fraction
 from ...images import load_image
 from ...mirror import FLIP_KINDS, check_kinds, flip_box, flip_expression, flip_image
 from ...methods.regression import (FusionRegressor, FusionRegressorConfig, box_losses, dense_input,
-                                  encode_square_images, grid_shape)
+                                  dense_view, encode_square_images, grid_shape)
 from ..config import TrainConfig, load_config
 from ..trainer import Trainer
 from . import TrainArgs, register_recipe
@@ -173,7 +173,7 @@ def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecor
     With ``cache_dir=None`` everything stays in memory. ``tiles``, ``input_size`` and
     ``dense`` as in :func:`~clipground.methods.regression.encode_square_images`.
     """
-    view = {"tiles": max(int(tiles), 1), "input_size": int(input_size), "dense": str(dense)}
+    view = dense_view(tiles, input_size, dense)
     from tqdm.auto import tqdm
 
     images = list(dict.fromkeys(r.image for r in records))
