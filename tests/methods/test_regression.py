@@ -336,7 +336,7 @@ def test_test_time_mirrors_vote_on_boxes_mapped_back(tmp_path: Path, tiny_clip_d
         Grounder.from_pretrained(tmp_path / "saved", options={"dim": 8})
 
 
-def test_relative_position_bias_starts_neutral_and_only_touches_image_pairs() -> None:
+def test_relative_position_bias_starts_neutral_trains_and_keeps_padding_masked() -> None:
     from clipground.methods.regression import FusionHead, FusionRegressorConfig
 
     torch.manual_seed(0)

@@ -145,9 +145,12 @@ def encode_square_images(backbone: ClipBackbone, images: Sequence[Any], tiles: i
 def encode_square_image(backbone: ClipBackbone, image: Any, tiles: int = 1, input_size: int = 0,
                         dense: str = "final") -> dict[str, Any]:
     """:func:`encode_square_images` for one image, unbatched: ``img_embed (D,)``, ``patches (P, Dv)``, ..."""
-    f = encode_square_images(backbone, [image], tiles, input_size, dense)
-    return {"img_embed": f["img_embed"][0], "patches": f["patches"][0], "patch_embeds": f["patch_embeds"][0],
-            "grid": f["grid"], "geometry": f["geometry"][0]}
+    return image_features(encode_square_images(backbone, [image], tiles, input_size, dense), 0)
+
+
+def image_features(f: dict[str, Any], i: int) -> dict[str, Any]:
+    """Image ``i`` of a batch from :func:`encode_square_images` (the shared ``grid`` kept as is)."""
+    return {k: v if k == "grid" else v[i] for k, v in f.items()}
 
 
 def patch_text_similarity(patch_embeds: torch.Tensor, txt_embed: torch.Tensor) -> torch.Tensor:
@@ -404,9 +407,7 @@ class FusionRegressor(GroundingMethod):
         # The image and its mirrors (``tta``) in one backbone pass.
         f = encode_square_images(self.backbone, [flip_image(state.image, k) for k in self.mirrors],
                                  **dense_input(self.config))
-        state.features["views"] = {k: {"img_embed": f["img_embed"][i], "patches": f["patches"][i],
-                                       "patch_embeds": f["patch_embeds"][i], "geometry": f["geometry"][i]}
-                                   for i, k in enumerate(self.mirrors)}
+        state.features["views"] = {k: image_features(f, i) for i, k in enumerate(self.mirrors)}
 
     def _boxes(self, f: dict[str, Any], text: TextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel boxes ``(n, 4)`` and scores ``(n,)`` of one view's features for ``n`` phrases."""
