@@ -559,19 +559,25 @@ def _main(args: argparse.Namespace, argv: list[str], console: Console) -> int:
         outcomes.append(o)
 
     rows = table_rows(outcomes, splits)
-    curves: dict[str, Path] = {}
+    curves: dict[str, Path] = {}  # entry name -> its curve's copy; entries of one run share one copy
+    copies: dict[Path, Path] = {}
     for o in outcomes:
         if o.status == "ok" and o.curve is not None:
-            dst = out / f"learning_curve_{o.entry.slug}.png"
-            _atomic(dst, lambda tmp, src=o.curve: shutil.copyfile(src, tmp))
-            curves[o.entry.name] = dst
+            src = o.curve.resolve()
+            if src not in copies:
+                copies[src] = out / f"learning_curve_{o.entry.slug}.png"
+                _atomic(copies[src], lambda tmp, src=src: shutil.copyfile(src, tmp))
+            curves[o.entry.name] = copies[src]
+    listed: dict[Path, str] = {}  # each copy listed once, under its first entry
+    for n, p in curves.items():
+        listed.setdefault(p, n)
     png = plot_results(rows, splits, out / "world_results.png")
     command = shlex.join(["python", "scripts/world_results.py", *argv])
     used = [o.entry for o in outcomes if o.status == "ok" and o.entry.method is not None]
     backbones = list(dict.fromkeys(args.backbone_override or e.backbone for e in used))
     description = world_description(world, splits, args.limit, backbones)
     md = render_section(rows, outcomes, heading="# Results in the synthetic world", description=description,
-                        command=command, png=png.name, curves={n: p.name for n, p in curves.items()})
+                        command=command, png=png.name, curves={n: p.name for p, n in listed.items()})
     write_text(out / "world_results.md", md + "\n")
     total = round(time.perf_counter() - t0, 2)
     summary = {
@@ -603,7 +609,7 @@ def _main(args: argparse.Namespace, argv: list[str], console: Console) -> int:
         base = readme.parent
         block = render_section(rows, outcomes, heading="## Results in the synthetic world", description=description,
                                command=command, png=_rel(png, base),
-                               curves={n: _rel(p, base) for n, p in curves.items()})
+                               curves={n: _rel(p, base) for p, n in listed.items()})
         write_text(readme, replace_readme_block(text, block))
         console.print(f"updated {readme}")
 

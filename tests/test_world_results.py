@@ -46,6 +46,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> dict
             {"name": "zs gt no rel", "method": "zero-shot", "backbone": "clipground/world-clip", "proposals": "gt",
              "options": {"relations": False}},
             {"name": "saved", "dir": str(run / "final"), "proposals": "gt"},
+            {"name": "saved ss", "dir": str(run / "final"), "proposals": "selective-search"},
             {"name": "missing", "dir": str(root / "runs" / "nope" / "final"),
              "train_command": "clipground train --method flyp --train runs/world --out runs/nope"},
         ],
@@ -88,7 +89,7 @@ def test_outputs_and_statuses(setup: dict, first_run: dict) -> None:
         assert (out / name).is_file(), name
     assert Image.open(out / "world_results.png").format == "PNG"
     ents = _entries(first_run["summary"])
-    assert [e["status"] for e in ents.values()] == ["ok", "ok", "ok", "ok", "not-trained"]
+    assert [e["status"] for e in ents.values()] == ["ok", "ok", "ok", "ok", "ok", "not-trained"]
     assert "clipground train --method flyp" in ents["missing"]["message"]
     for name in ("zs gt", "zs ss", "zs gt no rel", "saved"):
         for split in ("test", "compositional"):
@@ -96,6 +97,10 @@ def test_outputs_and_statuses(setup: dict, first_run: dict) -> None:
             assert (rep / "metrics.json").is_file() and (rep / "predictions.jsonl").is_file()
     md = (out / "world_results.md").read_text()
     assert "not trained yet: `clipground train --method flyp" in md
+    # two entries of one run share one copy of its learning curve, listed once
+    assert ents["saved ss"]["learning_curve"] == ents["saved"]["learning_curve"]
+    assert not (out / "learning_curve_saved-ss.png").exists()
+    assert md.count("learning_curve_saved.png") == 1
     assert "--limit 5" in md
 
 
@@ -104,7 +109,7 @@ def test_table_matches_predictions(setup: dict, first_run: dict) -> None:
     from clipground.data.jsonl import read_jsonl
 
     rows = {(r["name"], r["split"]): r for r in first_run["summary"]["table"]}
-    assert len(rows) == 8
+    assert len(rows) == 10
     md = (setup["out"] / "world_results.md").read_text()
     for (name, split), row in rows.items():
         rep = Path(_entries(first_run["summary"])[name]["splits"][split]["report"])
