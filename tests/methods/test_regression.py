@@ -361,3 +361,80 @@ def test_relative_position_bias_starts_neutral_trains_and_keeps_padding_masked()
     y[4] = x[4].clone()
     y[4][0, 2:] = 100.0
     assert torch.allclose(head(*y).boxes[0], out.boxes[0].detach(), atol=1e-5)
+
+
+def test_word_embeddings_reach_the_head_the_same_way_in_training_and_inference(
+        tmp_path: Path, tiny_clip_dir: Path, small_cfg: FusionRecipeConfig) -> None:
+    from clipground.errors import ClipgroundError
+    from clipground.training.recipes.regression import pixel_boxes
+
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)
+    texts = ["the red box", "a much longer phrase about the blue box on the left"]
+    f = bb.encode_texts(texts)
+    ids = bb.tokenize(texts)["input_ids"]
+    table = bb.model.text_model.embeddings.token_embedding.weight
+    assert torch.allclose(f.words[1], table[ids[1]], atol=1e-6)
+    # The cache's lookup-only path gives the same vectors on every real token.
+    w = bb.word_embeddings(texts, f.tokens.shape[1])
+    assert torch.allclose(w[f.mask], f.words[f.mask].float(), atol=1e-6)
+
+    recs = make_scenes(tmp_path, n=3)
+    small_cfg.model.words = True
+    small_cfg.train.max_steps, small_cfg.train.batch_size = 5, 4
+    small_cfg.train.output_dir = str(tmp_path / "run")
+    cache = build_feature_cache(bb, recs, progress=False)
+    assert cache.txt_words is not None and cache.txt_words.shape[:2] == cache.txt_tokens.shape[:2]
+    method, _ = train_fusion_regressor(small_cfg, bb, recs, [], cache)
+    ds = CachedGroundingDataset(cache, recs)
+    batch = ds.collate(list(range(len(recs))))
+    with torch.no_grad():
+        train_px = pixel_boxes(method.fusion(*batch.inputs(), batch.txt_words).boxes, batch)
+        # The words are read: other words under the same final states move the boxes.
+        moved = method.fusion(*batch.inputs(), batch.txt_words.flip(0)).boxes
+    assert (moved - method.fusion(*batch.inputs(), batch.txt_words).boxes).abs().max() > 1e-4
+    with pytest.raises(ClipgroundError, match="word embeddings"):
+        method.fusion(*batch.inputs())
+    g = Grounder(method)
+    g.save_pretrained(tmp_path / "saved")
+    g2 = Grounder.from_pretrained(tmp_path / "saved")
+    assert g2.method.config.words and g2.method.fusion.word_in is not None
+    for i, r in enumerate(recs):
+        p = g2(r.image, r.expression)
+        assert max(abs(a - b) for a, b in zip(p.box, train_px[i].tolist())) < 1e-3
+
+
+def test_relation_resolver_picks_among_the_regressors_candidates(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    from clipground.errors import ClipgroundError
+    from clipground.methods.regression import FusionOutput, FusionRegressorConfig
+
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)  # a 4x4 patch grid
+    # Three equally likely objects of the phrase's subject, whose boxes the patches 0, 3 and 13
+    # predict; the plain regressor answers with patch 3's box whatever the phrase.
+    cand = {0: [0.0, 0.0, 0.2, 0.2], 3: [0.8, 0.0, 1.0, 0.2], 13: [0.3, 0.8, 0.5, 1.0]}
+
+    class Stub(torch.nn.Module):
+        def forward(self, img_embed, patches, patch_embeds, txt_embed, txt_tokens, txt_mask, txt_words=None):
+            n = txt_embed.shape[0]
+            logits = torch.full((n, 16), -10.0)
+            boxes = torch.tensor([[0.45, 0.45, 0.55, 0.55]]).repeat(n, 16, 1)
+            for i, b in cand.items():
+                logits[:, i] = 5.0
+                boxes[:, i] = torch.tensor(b)
+            return FusionOutput(boxes[:, 3], torch.zeros(n), logits, boxes)
+
+    img = Image.new("RGB", (50, 50), (128, 128, 128))
+
+    def answer(relations: bool, phrase: str) -> list[float]:
+        m = FusionRegressor(bb, FusionRegressorConfig(dim=16, layers=1, heads=2, head_hidden=16, peak=True,
+                                                      relations=relations))
+        m.fusion = Stub()
+        return [round(v / 50, 3) for v in Grounder(m)(img, phrase).box]
+
+    assert answer(False, "the leftmost box") == cand[3]
+    assert answer(True, "the leftmost box") == cand[0]
+    assert answer(True, "the rightmost box") == cand[3]
+    assert answer(True, "the bottommost box") == cand[13]
+    assert answer(True, "the second box from the left") == cand[13]
+    assert answer(True, "the red box") == cand[3]  # not spatial: the regressor's own answer
+    with pytest.raises(ClipgroundError, match="peak"):
+        FusionRegressor(bb, FusionRegressorConfig(dim=16, layers=1, heads=2, head_hidden=16, relations=True))

@@ -54,11 +54,23 @@ class ImageFeatures:
 
 @dataclass
 class TextFeatures:
-    """Text-tower outputs: ``embeds (N, D)`` normalized, ``tokens (N, L, Dt)``, ``mask (N, L)``."""
+    """Text-tower outputs: ``embeds (N, D)`` normalized, ``tokens (N, L, Dt)``, ``mask (N, L)``,
+    and ``words (N, L, Dt)``: each token's input word embedding (no position, no context).
+
+    The last-layer token states blur words contrastive pretraining never needed to tell
+    apart (CLIP is known to be weak at "left"/"right"); the input embeddings keep them
+    distinct, at no extra cost.
+    """
 
     embeds: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
+    words: torch.Tensor | None = None
+
+    def select(self, ix: torch.Tensor) -> "TextFeatures":
+        """The rows ``ix`` of every field."""
+        return TextFeatures(self.embeds[ix], self.tokens[ix], self.mask[ix],
+                            None if self.words is None else self.words[ix])
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -259,7 +271,9 @@ class ClipBackbone(nn.Module):
         m = self.model
         out = m.text_model(input_ids=input_ids, attention_mask=attention_mask)
         pooled = m.text_projection(out.pooler_output)
-        return TextFeatures(nn.functional.normalize(pooled, dim=-1), out.last_hidden_state, attention_mask.bool())
+        words = m.text_model.embeddings.token_embedding(input_ids)
+        return TextFeatures(nn.functional.normalize(pooled, dim=-1), out.last_hidden_state, attention_mask.bool(),
+                            words)
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64, size: int | None = None,
@@ -280,16 +294,26 @@ class ClipBackbone(nn.Module):
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> TextFeatures:
         """Encode texts in batches (token states padded to the longest in each batch)."""
-        embeds, tokens, masks = [], [], []
+        parts = [self.forward_text(**self.tokenize(texts[i : i + batch_size]))
+                 for i in range(0, len(texts), batch_size)]
+        width = max(f.tokens.shape[1] for f in parts)
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.pad(x, (0, 0, 0, width - x.shape[1]) if x.dim() == 3 else (0, width - x.shape[1]))
+
+        return TextFeatures(torch.cat([f.embeds for f in parts]), torch.cat([padded(f.tokens) for f in parts]),
+                            torch.cat([padded(f.mask) for f in parts]), torch.cat([padded(f.words) for f in parts]))
+
+    @torch.inference_mode()
+    def word_embeddings(self, texts: Sequence[str], width: int, batch_size: int = 4096) -> torch.Tensor:
+        """Input word embeddings ``(N, width, Dt)`` of ``texts`` (zero-padded): token lookups only,
+        no Transformer pass, so a feature cache can add them for every phrase in seconds."""
+        emb = self.model.text_model.embeddings.token_embedding
+        out = torch.zeros(len(texts), width, emb.embedding_dim)
         for i in range(0, len(texts), batch_size):
-            f = self.forward_text(**self.tokenize(texts[i : i + batch_size]))
-            embeds.append(f.embeds)
-            tokens.append(f.tokens)
-            masks.append(f.mask)
-        width = max(t.shape[1] for t in tokens)
-        tokens = [nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in tokens]
-        masks = [nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]
-        return TextFeatures(torch.cat(embeds), torch.cat(tokens), torch.cat(masks))
+            ids = self.tokenize(texts[i : i + batch_size])["input_ids"]
+            out[i : i + len(ids), : ids.shape[1]] = emb(ids).float().cpu()[:, :width]
+        return out
 
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalized text embeddings ``(N, D)``, memoized per phrase (LRU)."""

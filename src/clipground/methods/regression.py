@@ -24,6 +24,12 @@ The phrase also enters before fusion, cheaply: each patch token is modulated
 multiplicatively by the phrase embedding (FiLM-style) and gets CLIP's own patch-phrase
 similarity as a feature (``film`` / ``similarity`` options).
 
+With ``relations`` (inference only, needs ``peak``) a spatial phrase is answered the ReCLIP
+way: the regressor, run on the phrase's subject noun phrase, turns into a detector of that
+noun phrase (each patch's box is a candidate, its patch logit the score), and the rules of
+:mod:`clipground.relations` pick the candidate the superlative, ordinal or relation names.
+A Transformer trained only on whole phrases reads "biggest" well but "leftmost" at chance.
+
 Geometry: the image is padded right/bottom to a square with the checkpoint's mean colour
 (:func:`clipground.heatmaps.pad_to_square`) before CLIP's own preprocessing, so the
 processor's resize+centre-crop is a plain resize of the whole image; the predicted
@@ -53,6 +59,7 @@ from ..backbone.clip import DENSE_EMBEDS
 from ..errors import ClipgroundError
 from ..heatmaps import InputGeometry, clip_square_input, crop_fraction
 from ..mirror import check_kinds, flip_box, flip_expression, flip_image, vote_boxes
+from ..relations import parse, resolve
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
 
 
@@ -239,6 +246,14 @@ class FusionRegressorConfig(MethodConfig):
         rel_pos: a learned bias per layer, head and 2-D offset between image tokens, added to
             their attention logits (as Swin's relative position bias), so "the patch left of
             me" is one learned number instead of something to infer from absolute positions.
+        words: add each phrase token's input word embedding (projected) to its final CLIP
+            state. The final states of a contrastively trained text tower can hardly tell
+            "leftmost" from "rightmost" (cosine 0.98 in the bundled world CLIP), so without this
+            the regressor guesses between the candidates of a spatial or ordinal phrase.
+        relations: answer a spatial phrase (superlative, ordinal, two-place relation) with the
+            ReCLIP-style geometry rules of :mod:`clipground.relations` over the regressor's own
+            candidates: with ``peak`` every patch predicts a box, and the regressor run on the
+            phrase's subject (and object) noun phrase scores those boxes. Inference only.
         tta: test-time mirror views (any of ``h``, ``v``, ``hv``): the image is also encoded
             mirrored, the phrase's spatial words swapped to match (:mod:`clipground.mirror`),
             and the views' boxes, mapped back, vote (:func:`~clipground.mirror.vote_boxes`).
@@ -261,6 +276,8 @@ class FusionRegressorConfig(MethodConfig):
     dense: str = "final"
     merge: int = 1
     rel_pos: bool = False
+    words: bool = False
+    relations: bool = False
     tta: tuple[str, ...] = ()
     prompt: str = "{}"
 
@@ -286,6 +303,7 @@ class FusionHead(nn.Module):
         d = cfg.dim
         self.img_in = nn.Sequential(nn.LayerNorm(vision_width), nn.Linear(vision_width, d))
         self.txt_in = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
+        self.word_in = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d)) if cfg.words else None
         self.img_pool_in = nn.Linear(embed_dim, d)
         self.txt_pool_in = nn.Linear(embed_dim, d)
         self.type_embed = nn.Embedding(3, d)  # 0: [REG], 1: image, 2: text
@@ -327,14 +345,21 @@ class FusionHead(nn.Module):
         self.register_buffer("centers", torch.stack([xs.flatten(), ys.flatten()], -1), persistent=False)
 
     def forward(self, img_embed: torch.Tensor, patches: torch.Tensor, patch_embeds: torch.Tensor,
-                txt_embed: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor) -> FusionOutput:
+                txt_embed: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor,
+                txt_words: torch.Tensor | None = None) -> FusionOutput:
         """Fuse one image's (or a batch's) tokens with phrase tokens.
 
         Shapes: ``img_embed (B, D)``, ``patches (B, P, Dv)``, ``patch_embeds (B, P, D)``,
-        ``txt_embed (B, D)``, ``txt_tokens (B, L, Dt)``, ``txt_mask (B, L)`` (True = real token).
+        ``txt_embed (B, D)``, ``txt_tokens (B, L, Dt)``, ``txt_mask (B, L)`` (True = real token),
+        ``txt_words (B, L, Dt)`` the tokens' input word embeddings (needed with ``words``).
         """
         b, p, _ = patches.shape
         length = txt_tokens.shape[1]
+        tt = self.txt_in(txt_tokens)
+        if self.word_in is not None:
+            if txt_words is None:
+                raise ClipgroundError("this fusion regressor reads word embeddings (words=True) but got none")
+            tt = tt + self.word_in(txt_words[:, :length])
         pt = self.img_in(patches)
         if self.film is not None:
             pt = pt * (1 + self.film(txt_embed)[:, None])
@@ -345,7 +370,7 @@ class FusionHead(nn.Module):
             pt = self.neck(pt.transpose(1, 2).reshape(b, -1, gh, gw)).flatten(2).transpose(1, 2)
             p = pt.shape[1]
         img = torch.cat([self.img_pool_in(img_embed)[:, None], pt], 1) + self.img_pos[: 1 + p]
-        txt = torch.cat([self.txt_pool_in(txt_embed)[:, None], self.txt_in(txt_tokens)], 1) + self.txt_pos[: 1 + length]
+        txt = torch.cat([self.txt_pool_in(txt_embed)[:, None], tt], 1) + self.txt_pos[: 1 + length]
         reg = self.reg_token.expand(b, 1, -1)
         types = self.type_embed.weight
         x = torch.cat([reg + types[0], img + types[1], txt + types[2]], 1)
@@ -393,10 +418,12 @@ class FusionRegressor(GroundingMethod):
     Config = FusionRegressorConfig
     uses_proposals = False
     trainable = True
-    inference_options = ("tta",)
+    inference_options = ("tta", "relations")
 
     def __init__(self, backbone: ClipBackbone, config: FusionRegressorConfig | None = None):
         super().__init__(backbone, config)
+        if self.config.relations and not self.config.peak:
+            raise ClipgroundError("relations=True needs a peak model (its per-patch boxes are the candidates)")
         view = dense_input(self.config)
         self.mirrors = [""] + check_kinds(self.config.tta)
         gh, gw = patch_grid(backbone, view["tiles"], view["input_size"])
@@ -413,9 +440,32 @@ class FusionRegressor(GroundingMethod):
         """Pixel boxes ``(n, 4)`` and scores ``(n,)`` of one view's features for ``n`` phrases."""
         n = len(text.embeds)
         out = self.fusion(f["img_embed"].expand(n, -1), f["patches"].expand(n, -1, -1),
-                          f["patch_embeds"].expand(n, -1, -1), text.embeds, text.tokens, text.mask)
+                          f["patch_embeds"].expand(n, -1, -1), text.embeds, text.tokens, text.mask, text.words)
         geom: InputGeometry = f["geometry"]
         return geom.to_pixels(out.boxes.clamp(0, 1)), out.quality.sigmoid()
+
+    def _resolve(self, f: dict[str, Any], phrase: str, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The geometry rules' box and score for a spatial ``phrase`` (``None`` if not spatial).
+
+        Candidates are the boxes every patch predicts for the subject noun phrase; a noun
+        phrase's "similarity" to a candidate is its patch logit there over the resolver's
+        temperature, so the resolver's relative probabilities are the patch softmax.
+        """
+        parsed = parse(phrase)
+        if not parsed.is_spatial:
+            return None
+        nps = list(dict.fromkeys([parsed.subject] + ([parsed.object] if parsed.object else [])))
+        text = encode_phrases(self.backbone, nps, self.config.prompt)
+        n = len(nps)
+        out = self.fusion(f["img_embed"].expand(n, -1), f["patches"].expand(n, -1, -1),
+                          f["patch_embeds"].expand(n, -1, -1), text.embeds, text.tokens, text.mask, text.words)
+        geom: InputGeometry = f["geometry"]
+        boxes = geom.to_pixels(out.cell_boxes[0].clamp(0, 1))
+        temperature = 100.0
+        logits = {p: out.patch_logits[i].float() / temperature for i, p in enumerate(nps)}
+        scores = resolve(parsed, boxes, size, lambda p: logits[p], temperature=temperature)
+        best = int(scores.argmax())
+        return boxes[best], scores[best]
 
     def rank(self, state: ImageState, phrases: list[str]) -> list[Ranking]:
         if not phrases:
@@ -431,7 +481,12 @@ class FusionRegressor(GroundingMethod):
         per_view = []
         for kind in self.mirrors:
             ix = torch.tensor([row[t] for t in texts[kind]], device=enc.embeds.device)
-            boxes, scores = self._boxes(views[kind], TextFeatures(enc.embeds[ix], enc.tokens[ix], enc.mask[ix]))
+            boxes, scores = self._boxes(views[kind], enc.select(ix))
+            if self.config.relations:
+                for i, t in enumerate(texts[kind]):
+                    got = self._resolve(views[kind], t, (w, h))
+                    if got is not None:
+                        boxes[i], scores[i] = got
             if kind:
                 boxes = boxes.new_tensor([flip_box(b, kind, w, h) for b in boxes.tolist()])
             per_view.append((boxes, scores))

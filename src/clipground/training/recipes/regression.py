@@ -110,6 +110,8 @@ class FeatureCache:
         txt_embed: ``(E, D)`` pooled text embeddings.
         txt_tokens: ``(E, L, Dt)`` token states (float16), padded to the longest phrase.
         txt_len: ``(E,)`` number of real tokens.
+        txt_words: ``(E, L, Dt)`` the tokens' input word embeddings (float16): plain lookups,
+            recomputed at every build instead of stored in the chunks.
         fraction: the processor's crop fraction (for :func:`square_geometry`).
         view: the image-token options the features were computed with
             (:func:`~clipground.methods.regression.dense_input`).
@@ -124,6 +126,7 @@ class FeatureCache:
     txt_embed: torch.Tensor
     txt_tokens: torch.Tensor
     txt_len: torch.Tensor
+    txt_words: torch.Tensor | None = None
     fraction: float = 1.0
     view: dict[str, Any] = field(default_factory=lambda: {"tiles": 1, "input_size": 0, "dense": "final"})
     image_index: dict[str, int] = field(default_factory=dict)
@@ -227,6 +230,7 @@ def build_feature_cache(backbone: ClipBackbone, records: Sequence[GroundingRecor
         txt_embed=torch.cat([p["txt_embed"] for p in tp]),
         txt_tokens=tokens,
         txt_len=torch.cat([p["txt_len"] for p in tp]),
+        txt_words=backbone.word_embeddings(texts, width).half(),
         fraction=crop_fraction(backbone.processor.image_processor),
         view=view,
     )
@@ -256,6 +260,7 @@ class Batch:
     offset: torch.Tensor
     sizes: torch.Tensor
     masks: torch.Tensor | None = None
+    txt_words: torch.Tensor | None = None
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """Positional inputs of the fusion / locator networks."""
@@ -314,6 +319,7 @@ class CachedGroundingDataset(torch.utils.data.Dataset):
             txt_mask=torch.arange(width)[None] < lens[:, None],
             boxes=self.boxes[ix], pixel_boxes=self.pixel_boxes[ix], scale=self.scale[ix], offset=self.offset[ix],
             sizes=c.sizes[ii], masks=masks,
+            txt_words=None if c.txt_words is None else c.txt_words[tt, :width].float(),
         )
 
 
@@ -423,7 +429,7 @@ def fusion_loss(weights: FusionLossConfig) -> Callable[[torch.nn.Module, Batch],
     from ...boxes import paired_iou
 
     def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        out = model(*batch.inputs())
+        out = model(*batch.inputs(), batch.txt_words)
         extra = {}
         if out.cell_boxes is not None:
             # Peak head: every patch the target covers learns the target's box (weighted by its
@@ -484,7 +490,7 @@ def train_fusion_regressor(cfg: FusionRecipeConfig, backbone: ClipBackbone, trai
     def eval_fn(head: torch.nn.Module) -> dict[str, float]:
         if vds is None:
             return {}
-        return evaluate_dataset(lambda b: head(*b.inputs()).boxes, vds, next(head.parameters()).device)
+        return evaluate_dataset(lambda b: head(*b.inputs(), b.txt_words).boxes, vds, next(head.parameters()).device)
 
     trainer = Trainer(cfg.train, method.fusion, ds, ds.collate, fusion_loss(cfg.loss),
                       eval_fn=eval_fn if vds is not None else None,
