@@ -28,7 +28,8 @@ With ``relations`` (inference only, needs ``peak``) a spatial phrase is answered
 way: the regressor, run on the phrase's subject noun phrase, turns into a detector of that
 noun phrase (each patch's box is a candidate, its patch logit the score), and the rules of
 :mod:`clipground.relations` pick the candidate the superlative, ordinal or relation names.
-A Transformer trained only on whole phrases reads "biggest" well but "leftmost" at chance.
+In our synthetic world the Transformer, trained on whole phrases, reads "biggest" well but
+picks between the candidates of "leftmost" at chance; the rules do not.
 
 Geometry: the image is padded right/bottom to a square with the checkpoint's mean colour
 (:func:`clipground.heatmaps.pad_to_square`) before CLIP's own preprocessing, so the
@@ -248,8 +249,8 @@ class FusionRegressorConfig(MethodConfig):
             me" is one learned number instead of something to infer from absolute positions.
         words: add each phrase token's input word embedding (projected) to its final CLIP
             state. The final states of a contrastively trained text tower can hardly tell
-            "leftmost" from "rightmost" (cosine 0.98 in the bundled world CLIP), so without this
-            the regressor guesses between the candidates of a spatial or ordinal phrase.
+            "leftmost" from "rightmost" (cosine 0.98 in the bundled world CLIP). In the world
+            this helps relational phrases, not superlatives (see the README's results).
         relations: answer a spatial phrase (superlative, ordinal, two-place relation) with the
             ReCLIP-style geometry rules of :mod:`clipground.relations` over the regressor's own
             candidates: with ``peak`` every patch predicts a box, and the regressor run on the
