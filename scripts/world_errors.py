@@ -21,29 +21,17 @@ from pathlib import Path
 import torch
 from torchvision.ops import box_iou
 
+from clipground.data.synthetic import SceneObject, load_scene_objects, parse_expression
+
 #: Opposite words whose token states ``--words`` compares (as in "the leftmost hexagon").
 OPPOSITES = [("leftmost", "rightmost"), ("topmost", "bottommost"), ("left", "right"), ("biggest", "smallest")]
 
 
-def matches(description: str, attributes: dict[str, str]) -> bool:
-    """Whether an object with ``attributes`` fits a world noun phrase such as "large star"."""
-    return all(w in attributes.values() for w in description.split())
-
-
-def load_scenes(world: Path, split: str) -> dict[str, list[tuple[list[float], dict[str, str]]]]:
-    """Per image id: every object's ``xyxy`` pixel box and attributes."""
-    inst = json.loads((world / f"instances_{split}.json").read_text())
-    scenes: dict[str, list[tuple[list[float], dict[str, str]]]] = defaultdict(list)
-    for a in inst["annotations"]:
-        x, y, w, h = a["bbox"]
-        scenes[str(a["image_id"])].append(([x, y, x + w, y + h], a["attributes"]))
-    return scenes
-
-
-def analyse(predictions: list[dict], records: list[dict], scenes: dict) -> dict[str, dict]:
+def analyse(predictions: list[dict], records: list[dict], scenes: dict[str, list[SceneObject]]) -> dict[str, dict]:
     """``{"relation": {(type, relation): [hits, n]}, "candidates": {(type, n): [hits, n]},
     "misses": {(type, kind): count}}`` for predictions with ``index`` (the record's line in the
-    split file; ``ref_id`` is shared by the expressions of one object) and ``box``."""
+    split file; ``ref_id`` is shared by the expressions of one object) and ``box``; ``scenes``
+    from :func:`~clipground.data.synthetic.load_scene_objects`."""
     by_rel: dict = defaultdict(lambda: [0, 0])
     by_n: dict = defaultdict(lambda: [0, 0])
     misses: Counter = Counter()
@@ -53,36 +41,44 @@ def analyse(predictions: list[dict], records: list[dict], scenes: dict) -> dict[
             raise SystemExit(f"prediction {p['index']} is not of this split file: {p['expression']!r}")
         meta, objs = r["meta"], scenes[str(r["image_id"])]
         kind = meta["type"]
+        parsed = parse_expression(r["expression"])
+        if parsed is None:
+            raise SystemExit(f"not an expression of the world's grammar: {r['expression']!r}")
         hit = float(box_iou(torch.tensor([p["box"]]), torch.tensor([r["box"]]))[0, 0]) >= 0.5
-        n = sum(matches(meta["subject"], a) for _, a in objs)
+        n = sum(parsed.subject.matches(o) for o in objs)
         for table, key in ((by_rel, (kind, meta["relation"] or "-")), (by_n, (kind, min(n, 5)))):
             table[key][0] += hit
             table[key][1] += 1
         if hit:
             continue
-        ious = box_iou(torch.tensor([p["box"]]), torch.tensor([b for b, _ in objs]))[0]
+        ious = box_iou(torch.tensor([p["box"]]), torch.tensor([o.box for o in objs]))[0]
         j = int(ious.argmax())
         if ious[j] < 0.5:
             misses[(kind, "no object")] += 1
-        elif meta["object"] and matches(meta["object"], objs[j][1]):
+        elif parsed.object is not None and parsed.object.matches(objs[j]):
             misses[(kind, "the reference object")] += 1
-        elif matches(meta["subject"], objs[j][1]):
+        elif parsed.subject.matches(objs[j]):
             misses[(kind, "another candidate")] += 1
         else:
             misses[(kind, "a non-candidate object")] += 1
     return {"relation": dict(by_rel), "candidates": dict(by_n), "misses": dict(misses)}
 
 
-def word_similarity(backbone_name: str, noun: str = "hexagon") -> list[tuple[str, str, float]]:
-    """Cosine of the final token state of each pair of :data:`OPPOSITES` in "the WORD NOUN"."""
+def word_similarity(backbone_name: str, pairs: list[tuple[str, str]] = OPPOSITES,
+                    noun: str = "hexagon") -> list[tuple[str, str, float]]:
+    """Cosine of the final token state of each word pair in "the WORD NOUN"."""
     from clipground.backbone import ClipBackbone
 
     bb = ClipBackbone.from_pretrained(backbone_name)
     out = []
-    for a, b in OPPOSITES:
-        f = bb.encode_texts([f"the {a} {noun}", f"the {b} {noun}"])
-        # Token 2 is the word after the start token and "the" (every world word is one token).
-        out.append((a, b, float(torch.nn.functional.cosine_similarity(f.tokens[0, 2], f.tokens[1, 2], dim=0))))
+    for a, b in pairs:
+        texts = [f"the {a} {noun}", f"the {b} {noun}"]
+        f, ids = bb.encode_texts(texts), bb.tokenize(texts)["input_ids"]
+        # The first token where the two words' ids differ (the word's only token for a world
+        # word); for one word twice, its first token (after the start token and "the").
+        diff = (ids[0] != ids[1]).nonzero()
+        i = int(diff[0]) if len(diff) else 2
+        out.append((a, b, float(torch.nn.functional.cosine_similarity(f.tokens[0, i], f.tokens[1, i], dim=0))))
     return out
 
 
@@ -95,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     preds = [json.loads(x) for x in args.predictions.read_text().splitlines() if x.strip()]
     records = [json.loads(x) for x in (args.world / f"{args.split}.jsonl").read_text().splitlines() if x.strip()]
-    res = analyse(preds, records, load_scenes(args.world, args.split))
+    res = analyse(preds, records, load_scene_objects(args.world, args.split))
     for title, key in (("Acc@0.5 by relation", "relation"), ("Acc@0.5 by candidates (objects fitting the subject)",
                                                               "candidates")):
         print(f"{title}:")

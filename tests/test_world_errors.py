@@ -27,7 +27,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_misses_are_sorted_by_what_the_box_landed_on(world: Path, tmp_path: Path, capsys) -> None:
     records = [json.loads(x) for x in (world / "test.jsonl").read_text().splitlines()]
-    scenes = we.load_scenes(world, "test")
+    from clipground.data.synthetic import load_scene_objects, parse_expression
+
+    scenes = load_scene_objects(world, "test")
     perfect = [{"index": i, "expression": r["expression"], "box": r["box"]} for i, r in enumerate(records)]
     res = we.analyse(perfect, records, scenes)
     assert not res["misses"] and all(hit == n for hit, n in res["relation"].values())
@@ -35,11 +37,11 @@ def test_misses_are_sorted_by_what_the_box_landed_on(world: Path, tmp_path: Path
     # reference object, which a relation's subject may also fit), where there is one.
     wrong, expected = [], 0
     for i, r in enumerate(records):
-        ref = r["meta"]["object"]
-        others = [b for b, a in scenes[str(r["image_id"])]
-                  if we.matches(r["meta"]["subject"], a) and b != r["box"] and not (ref and we.matches(ref, a))]
+        e = parse_expression(r["expression"])
+        others = [o.box for o in scenes[str(r["image_id"])] if e.subject.matches(o) and list(o.box) != r["box"]
+                  and not (e.object is not None and e.object.matches(o))]
         if others:
-            wrong.append({"index": i, "expression": r["expression"], "box": others[0]})
+            wrong.append({"index": i, "expression": r["expression"], "box": list(others[0])})
             expected += 1
     assert expected > 5
     res = we.analyse(wrong, records, scenes)
@@ -56,7 +58,7 @@ def test_misses_are_sorted_by_what_the_box_landed_on(world: Path, tmp_path: Path
         we.main([str(pred), "--world", str(world)])
 
 
-def test_word_similarity_compares_opposite_words(tiny_clip_dir: Path) -> None:
-    sims = we.word_similarity(str(tiny_clip_dir))
-    assert [(a, b) for a, b, _ in sims] == we.OPPOSITES
-    assert all(-1.0 <= c <= 1.0 for _, _, c in sims)
+def test_word_similarity_compares_the_words_token_states(tiny_clip_dir: Path) -> None:
+    same, other = we.word_similarity(str(tiny_clip_dir), [("left", "left"), ("left", "right")])
+    assert same[2] == pytest.approx(1.0, abs=1e-5)
+    assert other[2] < 0.999

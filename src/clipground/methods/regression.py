@@ -60,7 +60,7 @@ from ..backbone.clip import DENSE_EMBEDS
 from ..errors import ClipgroundError
 from ..heatmaps import InputGeometry, clip_square_input, crop_fraction
 from ..mirror import check_kinds, flip_box, flip_expression, flip_image, vote_boxes
-from ..relations import parse, resolve
+from ..relations import ParsedExpression, parse, resolve
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
 
 
@@ -445,26 +445,25 @@ class FusionRegressor(GroundingMethod):
         geom: InputGeometry = f["geometry"]
         return geom.to_pixels(out.boxes.clamp(0, 1)), out.quality.sigmoid()
 
-    def _resolve(self, f: dict[str, Any], phrase: str, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The geometry rules' box and score for a spatial ``phrase`` (``None`` if not spatial).
+    @staticmethod
+    def _noun_phrases(parsed: ParsedExpression) -> list[str]:
+        return [parsed.subject] + ([parsed.object] if parsed.object else [])
+
+    def _resolve(self, f: dict[str, Any], parsed: ParsedExpression, text: TextFeatures,
+                 size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The geometry rules' box and score for a spatial phrase, given its noun phrases' text.
 
         Candidates are the boxes every patch predicts for the subject noun phrase; a noun
-        phrase's "similarity" to a candidate is its patch logit there over the resolver's
-        temperature, so the resolver's relative probabilities are the patch softmax.
+        phrase's "similarity" to a candidate is its patch logit there (temperature 1), so the
+        resolver's relative probabilities are the patch softmax.
         """
-        parsed = parse(phrase)
-        if not parsed.is_spatial:
-            return None
-        nps = list(dict.fromkeys([parsed.subject] + ([parsed.object] if parsed.object else [])))
-        text = encode_phrases(self.backbone, nps, self.config.prompt)
-        n = len(nps)
+        n = len(text.embeds)
         out = self.fusion(f["img_embed"].expand(n, -1), f["patches"].expand(n, -1, -1),
                           f["patch_embeds"].expand(n, -1, -1), text.embeds, text.tokens, text.mask, text.words)
         geom: InputGeometry = f["geometry"]
         boxes = geom.to_pixels(out.cell_boxes[0].clamp(0, 1))
-        temperature = 100.0
-        logits = {p: out.patch_logits[i].float() / temperature for i, p in enumerate(nps)}
-        scores = resolve(parsed, boxes, size, lambda p: logits[p], temperature=temperature)
+        logits = dict(zip(self._noun_phrases(parsed), out.patch_logits.float()))
+        scores = resolve(parsed, boxes, size, logits.__getitem__, temperature=1.0)
         best = int(scores.argmax())
         return boxes[best], scores[best]
 
@@ -476,18 +475,21 @@ class FusionRegressor(GroundingMethod):
         # Every distinct phrase of every view through the text tower once (most phrases have
         # no word a mirror swaps, so their views share one text).
         texts = {kind: [flip_expression(p, kind) for p in phrases] for kind in self.mirrors}
-        unique = list(dict.fromkeys(t for ts in texts.values() for t in ts))
+        # With ``relations``: every spatial phrase's noun phrases in the same single text pass.
+        parsed = {t: parse(t) for ts in texts.values() for t in ts} if self.config.relations else {}
+        spatial = {t: p for t, p in parsed.items() if p.is_spatial}
+        nps = [q for p in spatial.values() for q in self._noun_phrases(p)]
+        unique = list(dict.fromkeys([t for ts in texts.values() for t in ts] + nps))
         enc = encode_phrases(self.backbone, unique, self.config.prompt)
         row = {t: i for i, t in enumerate(unique)}
         per_view = []
         for kind in self.mirrors:
             ix = torch.tensor([row[t] for t in texts[kind]], device=enc.embeds.device)
             boxes, scores = self._boxes(views[kind], enc.select(ix))
-            if self.config.relations:
-                for i, t in enumerate(texts[kind]):
-                    got = self._resolve(views[kind], t, (w, h))
-                    if got is not None:
-                        boxes[i], scores[i] = got
+            for i, t in enumerate(texts[kind]):
+                if t in spatial:
+                    np_ix = torch.tensor([row[q] for q in self._noun_phrases(spatial[t])], device=ix.device)
+                    boxes[i], scores[i] = self._resolve(views[kind], spatial[t], enc.select(np_ix), (w, h))
             if kind:
                 boxes = boxes.new_tensor([flip_box(b, kind, w, h) for b in boxes.tolist()])
             per_view.append((boxes, scores))
