@@ -36,3 +36,7 @@ class CheckpointNotFoundError(ClipgroundError):
 
 class UnknownNameError(ClipgroundError):
     """A method, proposal source or backbone name is not registered."""
+
+
+class ConfigError(ClipgroundError):
+    """A configuration file or option is malformed (unknown key, bad value, bad type)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -22,20 +21,12 @@ ProposalsOpt = typer.Option(
 OptionOpt = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable), e.g. -o views=crop,blur.")
 
 
-def parse_options(options: list[str] | None) -> dict[str, Any]:
-    """Turn ``key=value`` strings into typed values (JSON when it parses, lists on commas)."""
-    from ..errors import ClipgroundError
+def parse_options(options: list[str] | None) -> dict[str, str]:
+    """``-o key=value`` strings as a dict of raw strings; the method's config coerces each value
+    to its field's type (``relations=no`` is ``False``), so there is one option parser."""
+    from ..options import parse_assignments
 
-    out: dict[str, Any] = {}
-    for item in options or []:
-        if "=" not in item:
-            raise ClipgroundError(f"option {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = [s.strip() for s in v.split(",")] if "," in v else v
-    return out
+    return parse_assignments(options, "option")
 
 
 def quiet_transformers() -> None:

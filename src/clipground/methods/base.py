@@ -9,7 +9,7 @@ shared :class:`~clipground.backbone.ClipBackbone`; none re-implements CLIP plumb
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..backbone import ClipBackbone
 from ..errors import UnknownNameError
+from ..options import from_dict
 from ..proposals import Proposals
 
 
@@ -52,20 +53,10 @@ class MethodConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise UnknownNameError(f"unknown option(s) for {cls.__name__}: {sorted(unknown)}; known: {sorted(names)}")
-        types = {f.name: str(f.type) for f in fields(cls)}
-        kwargs = {}
-        for k, v in d.items():
-            if isinstance(v, list):
-                v = tuple(v)
-            elif isinstance(v, str) and types[k].startswith("tuple"):
-                v = tuple(x.strip() for x in v.split(",") if x.strip())  # "crop" or "crop,blur"
-            kwargs[k] = v
-        return cls(**kwargs)
+    def from_dict(cls, d: dict[str, Any] | None) -> "MethodConfig":
+        """Build the config from options of any origin (Python values, JSON, ``-o key=value`` strings),
+        each coerced to its field's type by the one option parser (:mod:`clipground.options`)."""
+        return from_dict(cls, d, what="option", owner=cls.__name__)
 
 
 class GroundingMethod(nn.Module):
