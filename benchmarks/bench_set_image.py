@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 
 from clipground.backbone import ClipBackbone
 from clipground.grounder import Grounder
-from clipground.imageops import render_views
+from clipground.backbone.views import render_views
 from clipground.images import load_image
 from clipground.methods.zero_shot import ZeroShotConfig, ZeroShotScorer
 from clipground.proposals import SelectiveSearch

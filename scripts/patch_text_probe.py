@@ -32,7 +32,7 @@ import torch
 from clipground.backbone import ClipBackbone
 from clipground.data.loaders import load_records
 from clipground.images import load_image
-from clipground.methods.regression import encode_square_images
+from clipground.backbone.features import DenseView, dense_features
 
 
 def cell_touches(box: list[float], i: int, j: int, gh: int, gw: int, side: float) -> bool:
@@ -65,7 +65,7 @@ def main() -> None:
         side = float(max(im.size))
         t_emb = bb.text_embeds([r.expression])[0].float()
         for t, view in views.items():
-            f = encode_square_images(bb, [im], **view)
+            f = dense_features(bb, [im], DenseView(**view))
             gh, gw = f["grid"]
             k = int((f["patch_embeds"][0].float() @ t_emb).argmax())
             hits[t] += cell_touches(r.box, k // gw, k % gw, gh, gw, side)

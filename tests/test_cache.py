@@ -15,8 +15,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from clipground.backbone import ClipBackbone
-from clipground.cache import CacheError, CacheSpec, FeatureCache, StaleCacheError, image_features
+from clipground.backbone.features import DenseView, dense_features, region_features
+from clipground.cache import CacheError, CacheSpec, FeatureCache, StaleCacheError
 from clipground.data.records import GroundingRecord
+from clipground.errors import ClipgroundError
 from clipground.proposals import get_proposals
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 230)}
@@ -72,10 +74,10 @@ def test_contents_match_live_features(setup):
 
     img = load_image(path)
     p = props(img, path)
-    f = image_features(bb, img, p.boxes, ("crop", "blur"), patches=True)
+    f = region_features(bb, img, p.boxes, ("crop", "blur"), patches=True)
     assert torch.equal(e.boxes, p.boxes) and torch.equal(e.scores, p.scores)
     assert torch.equal(e.view_embeds, f["view_embeds"]) and e.view_embeds.shape == (2, 6, bb.embed_dim)
-    assert torch.equal(e.image_embed, f["image_embed"]) and torch.equal(e.patch_embeds, f["patch_embeds"])
+    assert torch.equal(e.image_embed, f["image_embed"]) and torch.equal(e.features["patch_embeds"], f["patch_embeds"])
     assert e.size == img.size
     t = cache.text("the  green box")  # whitespace-normalized key
     ref = bb.encode_texts(["the green box"])
@@ -140,6 +142,69 @@ def test_stale_cache_is_refused_or_rebuilt(setup, tiny_clip_dir):
         FeatureCache.open(tmp / "c", expected_fingerprint="0" * 64)
     rebuilt = FeatureCache.build(tmp / "c", records, bb2, props, rebuild=True, progress=False)
     assert rebuilt.fingerprint != fp and rebuilt.complete
+
+
+def test_a_change_in_the_last_vision_layer_misses_the_cache(setup, tiny_clip_dir):
+    """The fingerprint hashes every weight: a backbone fine-tuned only in its last layers must not
+    reuse features computed before (both kinds of cache)."""
+    records, props, bb, tmp = setup
+    for kind, src in (("regions", props), ("dense", None)):
+        FeatureCache.build(tmp / kind, records, bb, src, CacheSpec(kind=kind), progress=False)
+        tuned = ClipBackbone.from_pretrained(tiny_clip_dir)
+        last = tuned.model.vision_model.encoder.layers[-1].mlp.fc2.weight
+        with torch.no_grad():
+            last[0, 0] += 1e-3  # one weight of the LAST vision layer
+        with pytest.raises(StaleCacheError, match="backbone"):
+            FeatureCache.build(tmp / kind, records, tuned, src, CacheSpec(kind=kind), progress=False)
+
+
+def test_dense_cache_matches_live_features_resumes_and_feeds_the_grounder(setup, tiny_clip_dir):
+    from clipground import Grounder
+    from clipground.images import load_image
+    from clipground.methods.regression import FusionRegressor, FusionRegressorConfig
+
+    records, _, bb, tmp = setup
+    view = DenseView(tiles=2)
+    spec = CacheSpec.dense_of(view, shard_size=3, text_shard_size=2, noun_phrases=False)
+    ref = FeatureCache.build(tmp / "ref", records, bb, None, spec, progress=False)
+    assert ref.kind == "dense" and ref.texts == ["the blue box", "the green box", "the red box"]
+    path = records[4].image
+    live = dense_features(bb, [load_image(path)], view)
+    e = ref.image(path)
+    assert torch.allclose(e.features["patches"].float(), live["patches"][0], atol=1e-2)
+    assert torch.equal(e.features["img_embed"], live["img_embed"][0])
+
+    class Killed(Exception):
+        pass
+
+    def kill(kind, done, total):
+        if kind == "images" and done == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        FeatureCache.build(tmp / "part", records, bb, None, spec, progress=False, callback=kill)
+    FeatureCache.build(tmp / "part", records, bb, None, spec, progress=False)
+    assert _files(tmp / "part") == _files(tmp / "ref")
+    # A cached state serves the grounder as a live one does (up to the float16 storage).
+    m = FusionRegressor(bb, FusionRegressorConfig(dim=16, layers=1, heads=2, head_hidden=16, tiles=2)).eval()
+    g = Grounder(m)
+    a = g.set_image(path).predict("the red box")
+    b = g.set_image_state(ref.image_state(path, backbone=bb)).predict("the red box")
+    assert max(abs(x - y) for x, y in zip(a.box, b.box)) < 0.5
+    # ... and a state of other features is refused with a clear error.
+    other = Grounder(FusionRegressor(bb, FusionRegressorConfig(dim=16, layers=1, heads=2, head_hidden=16)))
+    with pytest.raises(ClipgroundError, match="reads"):
+        other.set_image_state(ref.image_state(path, backbone=bb))
+
+
+def test_a_corrupt_shard_is_a_clear_error(setup):
+    records, props, bb, tmp = setup
+    cache = FeatureCache.build(tmp / "c", records, bb, props, CacheSpec(shard_size=4), progress=False)
+    (tmp / "c" / "images-00001.safetensors").write_bytes(b"not a safetensors file")
+    fresh = FeatureCache.open(tmp / "c")
+    with pytest.raises(CacheError, match="corrupt.*rebuild"):
+        fresh.image(records[-1].image)
+    assert torch.equal(fresh.image(records[0].image).boxes, cache.image(records[0].image).boxes)
 
 
 def test_too_long_expressions_are_skipped_and_reported(setup):

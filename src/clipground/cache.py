@@ -1,36 +1,45 @@
-"""Proposal + feature cache: run the proposal source and the frozen CLIP once per image.
+"""The feature cache: run the proposal source and the frozen CLIP once per image, train from disk.
 
 Training a head on frozen CLIP features should not pay for CLIP (or selective search) at
-every step. :meth:`FeatureCache.build` runs both once per image and stores, per image,
-the proposal boxes and objectness, the CLIP embedding of every proposal view (``crop``,
-``blur``, ``circle``; see :mod:`clipground.imageops`), the pooled whole-image embedding
-and optionally the whole image's patch embeddings; and, per distinct expression, the
-pooled text embedding and the text token states.
+every step. :meth:`FeatureCache.build` computes, once per image, the features a family of
+methods reads, with the same functions the methods call live
+(:mod:`clipground.backbone.features`), and once per distinct text its embedding and token
+states. One cache holds one *kind* of image features:
+
+* ``regions`` (the proposal scorers): the proposal boxes and objectness, the CLIP embedding
+  of every proposal view (``crop``, ``blur``, ``circle``), the whole-image embedding and
+  optionally its patch embeddings (:func:`~clipground.backbone.features.region_features`);
+* ``dense`` (the fusion regressor, the locator): the padded-square image's pooled embedding,
+  patch tokens and joint-space patch embeddings at the chosen patch grid
+  (:func:`~clipground.backbone.features.dense_features`; stored in float16, as are the text
+  token states of a dense cache). Image keys may name mirrored views (``path#h``, see
+  :mod:`clipground.mirror`).
 
 Layout of a cache directory::
 
-    index.json                 format, fingerprint, image/text lists, finished shards
-    images-00000.safetensors   boxes (N,4), scores (N,), offsets (n+1,), views (N,V,D),
+    index.json                 format, kind, fingerprint, image/text lists, finished shards
+    images-00000.safetensors   regions: boxes (N,4), scores (N,), offsets (n+1,), views (N,V,D),
                                image_embeds (n,D), sizes (n,2) [, patches (n,P,D)]
+                               dense: sizes (n,2), img_embed (n,D), patches (n,P,Dv), patch_embeds (n,P,D)
     texts-00000.safetensors    embeds (n,D), tokens (T,Dt), offsets (n+1,)
 
-Shards are safetensors files, read lazily through ``safe_open`` (memory-mapped; a slice
-reads only its own bytes), so a cache larger than RAM trains fine.
+Shards are safetensors files read lazily through ``safe_open`` (memory-mapped; a slice reads
+only its own bytes), so a cache larger than RAM works for the proposal scorers; the dense
+recipes load it whole (:meth:`FeatureCache.dense_arrays`).
 
-**Never stale.** The index stores a sha256 fingerprint of everything the features depend
-on: the backbone (name, config and a hash of its weights), the proposal source's config
-(and the mtime/size of a proposal file it reads), the preprocessing (image processor and
-tokenizer config, view kinds, patch flag, :data:`FEATURE_VERSION`) and the data (every
-image path with its size and mtime, and the sorted expressions). Building into a directory
-that holds a cache with another fingerprint raises :class:`StaleCacheError` naming the
-part that differs, unless ``rebuild=True`` (then the old cache is deleted and rebuilt).
-:meth:`FeatureCache.open` with an expected fingerprint raises the same error.
+**Never stale.** The index stores a sha256 fingerprint of everything the features depend on:
+the backbone (name, config and a hash of every weight tensor), the proposal source's config
+(and the size/mtime of a proposal file it reads), the preprocessing (image processor and
+tokenizer config, the feature kind and its options, the text prompt,
+:data:`FEATURE_VERSION`) and the data (every image path with its size and mtime, and the
+sorted texts). Building into a directory holding a cache with another fingerprint raises
+:class:`StaleCacheError` naming the part that differs, unless ``rebuild=True``.
 
-**Resumable.** Images are processed in a fixed order (sorted paths) in shards of
-``shard_size`` images. Each shard is written to a temp file and renamed into place, then
-the index (which lists finished shards) is rewritten atomically. A build killed at any
-moment resumes at the first unfinished shard and, because each image is encoded on its
-own, ends with files byte-identical to an uninterrupted build.
+**Resumable.** Images are processed in a fixed order (sorted keys) in shards of
+``shard_size`` images; each shard is written atomically, then the index (which lists
+finished shards). A build killed at any moment resumes at the first unfinished shard and,
+because a shard's content depends only on its own images, ends with files byte-identical to
+an uninterrupted build.
 """
 
 from __future__ import annotations
@@ -38,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,19 +54,22 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .backbone import ClipBackbone
+from .backbone.features import (DenseView, dense_feature_key, dense_features, dense_geometry, patch_grid,
+                                region_feature_key, region_features, text_features, too_long)
+from .backbone.views import check_view_kinds
 from .errors import ClipgroundError
-from .imageops import VIEW_KINDS, render_views
+from .io import TMP_PREFIX, save_safetensors, write_json
+from .mirror import load_keyed_image, split_key
+from .proposals import ProposalSource
 
 CACHE_FORMAT = "clipground-feature-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: Bumped whenever the way features are computed changes (invalidates old caches).
 FEATURE_VERSION = 1
 INDEX_FILE = "index.json"
-_TMP = ".tmp-"
+KINDS = ("regions", "dense")
 
 
 class CacheError(ClipgroundError):
@@ -69,49 +80,14 @@ class StaleCacheError(CacheError):
     """A cache directory holds features computed from different inputs."""
 
 
-# --------------------------------------------------------------------------- features
-
-
-def image_features(backbone: ClipBackbone, image: Image.Image, boxes: torch.Tensor, views: Sequence[str],
-                   patches: bool = False) -> dict[str, torch.Tensor]:
-    """CLIP features of one image and its proposals, exactly as cached and as methods use them.
-
-    Returns ``view_embeds (V, K, D)`` (normalized, one row per view kind and proposal),
-    ``image_embed (D,)`` (the whole image) and, with ``patches``, ``patch_embeds (P, D)``.
-    The whole image and all views go through one :meth:`ClipBackbone.encode_images` call
-    per image, so the values do not depend on which other images are processed alongside.
-    """
-    views = tuple(views)
-    k = int(len(boxes))
-    rendered = render_views(image, boxes, views) if k else {v: [] for v in views}
-    imgs = [image] + [im for v in views for im in rendered[v]]
-    f = backbone.encode_images(imgs)
-    out = {
-        "image_embed": f.embeds[0],
-        "view_embeds": f.embeds[1:].reshape(len(views), k, f.embeds.shape[-1]),
-    }
-    if patches:
-        out["patch_embeds"] = f.patch_embeds[0]
-    return out
-
-
-def text_features(backbone: ClipBackbone, texts: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Pooled text embeddings ``(N, D)`` and each text's token states ``(L_i, Dt)`` (padding removed)."""
-    if not texts:
-        return torch.zeros(0, backbone.embed_dim), []
-    f = backbone.encode_texts(list(texts))
-    lengths = f.mask.sum(1).tolist()
-    return f.embeds, [f.tokens[i, : int(n)] for i, n in enumerate(lengths)]
-
-
 def normalize_text(text: str) -> str:
-    """The key an expression is cached under (whitespace collapsed, like ``check_phrase``)."""
+    """The key a text is cached under (whitespace collapsed, like the phrase check does)."""
     return " ".join(str(text).split())
 
 
-def cache_texts(expressions: Iterable[str], noun_phrases: bool = True) -> list[str]:
-    """The sorted distinct texts a cache stores: the expressions and, optionally, their noun phrases."""
-    out = {normalize_text(e) for e in expressions}
+def cache_texts(expressions: Iterable[str], noun_phrases: bool = True, prompt: str = "{}") -> list[str]:
+    """The sorted distinct texts a cache stores: the prompted expressions and, optionally, their noun phrases."""
+    out = {normalize_text(prompt.format(e)) for e in expressions}
     if noun_phrases:
         from .relations import parse
 
@@ -121,12 +97,62 @@ def cache_texts(expressions: Iterable[str], noun_phrases: bool = True) -> list[s
     return sorted(t for t in out if t)
 
 
-def too_long(backbone: ClipBackbone, texts: Sequence[str]) -> list[bool]:
-    """Which texts exceed the backbone's text context (those cannot be encoded)."""
-    if not texts:
-        return []
-    ids = backbone.processor.tokenizer(list(texts))["input_ids"]
-    return [len(x) > backbone.max_text_tokens for x in ids]
+# --------------------------------------------------------------------------- what to cache
+
+
+@dataclass
+class CacheSpec:
+    """What to cache and how to lay it out.
+
+    Attributes:
+        kind: ``regions`` (proposal views) or ``dense`` (patch tokens of the padded square).
+        views: ``regions``: proposal view kinds to embed (``crop``, ``blur``, ``circle``).
+        patches: ``regions``: also store the whole image's patch embeddings ``(P, D)``.
+        tiles, input_size, dense: ``dense``: the :class:`~clipground.backbone.features.DenseView`.
+        prompt: template the expressions are put in before text encoding.
+        noun_phrases: also cache the subject and object noun phrases of every expression
+            (parsed with :func:`clipground.relations.parse`), which some scorers compare
+            with each proposal.
+        shard_size: images per image shard (the unit of resumption).
+        text_shard_size: texts per text shard.
+    """
+
+    kind: str = "regions"
+    views: tuple[str, ...] = ("crop", "blur")
+    patches: bool = False
+    tiles: int = 1
+    input_size: int = 0
+    dense: str = "final"
+    prompt: str = "{}"
+    noun_phrases: bool = True
+    shard_size: int = 64
+    text_shard_size: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise CacheError(f"cache kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        try:
+            self.views = check_view_kinds(self.views)
+            DenseView(self.tiles, self.input_size, self.dense)
+        except ClipgroundError as e:
+            raise CacheError(str(e)) from None
+        if self.shard_size < 1 or self.text_shard_size < 1:
+            raise CacheError("shard sizes must be >= 1")
+
+    @classmethod
+    def dense_of(cls, view: DenseView, **kwargs: Any) -> "CacheSpec":
+        """A ``dense`` spec for a method's :class:`~clipground.backbone.features.DenseView`."""
+        return cls(kind="dense", tiles=view.tiles, input_size=view.input_size, dense=view.dense, **kwargs)
+
+    @property
+    def view(self) -> DenseView:
+        return DenseView(self.tiles, self.input_size, self.dense)
+
+    def feature_options(self) -> dict[str, Any]:
+        """The options the features depend on (part of the fingerprint)."""
+        if self.kind == "regions":
+            return {"kind": self.kind, "views": list(self.views), "patches": bool(self.patches)}
+        return {"kind": self.kind, **self.view.to_dict()}
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -170,58 +196,31 @@ def proposals_identity(proposals: Any) -> dict[str, Any]:
     return conf
 
 
-def preprocessing_identity(backbone: ClipBackbone, views: Sequence[str], patches: bool) -> dict[str, Any]:
-    """Image-processor and tokenizer settings, view kinds, patch flag and feature version."""
+def preprocessing_identity(backbone: ClipBackbone, spec: CacheSpec) -> dict[str, Any]:
+    """Image-processor and tokenizer settings, feature options, prompt and feature version."""
     ip = backbone.processor.image_processor.to_dict()
     tok = backbone.processor.tokenizer
     return {
         "image_processor": {k: v for k, v in ip.items() if k not in ("processor_class",)},
         "tokenizer": {"class": type(tok).__name__, "vocab_size": len(tok), "max_tokens": backbone.max_text_tokens},
-        "views": list(views),
-        "patches": bool(patches),
+        "features": spec.feature_options(),
+        "prompt": spec.prompt,
+        "noun_phrases": spec.noun_phrases,
         "feature_version": FEATURE_VERSION,
     }
 
 
 def data_identity(images: Sequence[str], texts: Sequence[str]) -> dict[str, Any]:
-    """Hash of every image's path, size and mtime, and of the sorted expressions."""
+    """Hash of every image key with its file's size and mtime, and of the sorted texts."""
     h = hashlib.sha256()
-    for p in images:
+    for key in images:
+        path, _ = split_key(key)
         try:
-            st = os.stat(p)
+            st = os.stat(path)
         except OSError as e:
-            raise CacheError(f"cannot read image {p}: {e.strerror}") from None
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            raise CacheError(f"cannot read image {path}: {e.strerror}") from None
+        h.update(f"{key}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return {"images": len(images), "images_sha256": h.hexdigest(), "texts": len(texts), "texts_sha256": _sha(list(texts))}
-
-
-@dataclass
-class CacheSpec:
-    """What to cache and how to lay it out.
-
-    Attributes:
-        views: proposal view kinds to embed (``crop``, ``blur``, ``circle``).
-        patches: also store the whole image's patch embeddings ``(P, D)``.
-        shard_size: images per image shard (the unit of resumption).
-        text_shard_size: expressions per text shard.
-        noun_phrases: also cache the subject and object noun phrases of every expression
-            (parsed with :func:`clipground.relations.parse`), which some methods compare
-            with each proposal.
-    """
-
-    views: tuple[str, ...] = ("crop", "blur")
-    patches: bool = False
-    shard_size: int = 64
-    text_shard_size: int = 2048
-    noun_phrases: bool = True
-
-    def __post_init__(self) -> None:
-        self.views = tuple(self.views)
-        bad = set(self.views) - set(VIEW_KINDS)
-        if bad or not self.views or len(set(self.views)) != len(self.views):
-            raise CacheError(f"views must be distinct kinds from {VIEW_KINDS}, got {list(self.views)}")
-        if self.shard_size < 1 or self.text_shard_size < 1:
-            raise CacheError("shard sizes must be >= 1")
 
 
 def fingerprint(images: Sequence[str], texts: Sequence[str], backbone: ClipBackbone, proposals: Any,
@@ -229,56 +228,19 @@ def fingerprint(images: Sequence[str], texts: Sequence[str], backbone: ClipBackb
     """``(sha256, per-component sha256, description)`` of a cache's inputs."""
     parts = {
         "backbone": backbone_identity(backbone),
-        "proposals": proposals_identity(proposals),
-        "preprocessing": preprocessing_identity(backbone, spec.views, spec.patches),
+        "proposals": proposals_identity(proposals if spec.kind == "regions" else None),
+        "preprocessing": preprocessing_identity(backbone, spec),
         "data": data_identity(images, texts),
     }
     comps = {k: _sha(v) for k, v in parts.items()}
     return _sha({"format": CACHE_FORMAT, "version": CACHE_VERSION, **comps}), comps, parts
 
 
-# --------------------------------------------------------------------------- atomic IO
-
-
-def _file_mode() -> int:
-    """Permissions of a normally created file (mkstemp's are 0600; caches are shared)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP + path.name)
-    try:
-        os.chmod(tmp, _file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP + path.name)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, _file_mode())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# --------------------------------------------------------------------------- index
 
 
 def _write_index(root: Path, index: dict[str, Any]) -> None:
-    _atomic_bytes(root / INDEX_FILE, (json.dumps(index, indent=1, sort_keys=True, default=str) + "\n").encode("utf-8"))
+    write_json(root / INDEX_FILE, index, indent=1)
 
 
 def _read_index(root: Path) -> dict[str, Any] | None:
@@ -293,7 +255,7 @@ def _read_index(root: Path) -> dict[str, Any] | None:
         raise CacheError(f"{root} is not a clipground feature cache (bad {INDEX_FILE})")
     if idx.get("version") != CACHE_VERSION:
         raise StaleCacheError(f"{root} was written by cache format version {idx.get('version')} "
-                              f"(this clipground reads {CACHE_VERSION}); rebuild it")
+                              f"(this clipground reads {CACHE_VERSION}); rebuild it (--rebuild)")
     return idx
 
 
@@ -302,33 +264,35 @@ def _describe_mismatch(old: dict[str, Any], comps: dict[str, str]) -> str:
     return ", ".join(diff) if diff else "fingerprint"
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- entries
 
 
 @dataclass
 class CachedImage:
-    """One image's cached entry: boxes ``(K,4)``, objectness ``(K,)``, ``view_embeds (V,K,D)``,
-    ``image_embed (D,)``, ``size (w, h)`` and optional ``patch_embeds (P,D)``."""
+    """One image's cached entry: ``size (w, h)``, proposal ``boxes (K, 4)`` and objectness
+    ``scores (K,)`` (empty for a dense cache), and ``features``: what the methods'
+    ``encode_image`` puts in ``ImageState.features`` (regions: ``view_embeds (V, K, D)``,
+    ``image_embed (D,)`` [, ``patch_embeds (P, D)``]; dense: ``img_embed``, ``patches``,
+    ``patch_embeds``)."""
 
     path: str
+    size: tuple[int, int]
     boxes: torch.Tensor
     scores: torch.Tensor
-    view_embeds: torch.Tensor
-    image_embed: torch.Tensor
-    size: tuple[int, int]
-    patch_embeds: torch.Tensor | None = None
+    features: dict[str, torch.Tensor]
 
-    def features(self) -> dict[str, torch.Tensor]:
-        """The ``ImageState.features`` dict a method's ``encode_image`` would produce."""
-        out = {"view_embeds": self.view_embeds, "image_embed": self.image_embed}
-        if self.patch_embeds is not None:
-            out["patch_embeds"] = self.patch_embeds
-        return out
+    @property
+    def view_embeds(self) -> torch.Tensor:
+        return self.features["view_embeds"]
+
+    @property
+    def image_embed(self) -> torch.Tensor:
+        return self.features["image_embed"]
 
 
 @dataclass
 class CachedText:
-    """One expression's pooled embedding ``(D,)`` and token states ``(L, Dt)``."""
+    """One text's pooled embedding ``(D,)`` and token states ``(L, Dt)``."""
 
     text: str
     embed: torch.Tensor
@@ -355,6 +319,14 @@ class FeatureCache:
         return bool(self.index.get("complete"))
 
     @property
+    def spec(self) -> CacheSpec:
+        return CacheSpec(**{**self.index["spec"], "views": tuple(self.index["spec"]["views"])})
+
+    @property
+    def kind(self) -> str:
+        return str(self.index["spec"]["kind"])
+
+    @property
     def views(self) -> tuple[str, ...]:
         return tuple(self.index["spec"]["views"])
 
@@ -368,15 +340,26 @@ class FeatureCache:
 
     @property
     def skipped_texts(self) -> list[str]:
-        """Expressions too long for the backbone's text context (not cached)."""
+        """Texts too long for the backbone's text context (not cached)."""
         return list(self.index.get("skipped_texts", []))
+
+    @property
+    def backbone_name(self) -> str:
+        return str(self.index["inputs"]["backbone"]["name"])
+
+    def feature_key(self) -> dict[str, Any]:
+        """The :meth:`~clipground.methods.GroundingMethod.feature_key` its image states carry."""
+        spec = self.spec
+        if spec.kind == "regions":
+            return region_feature_key(self.backbone_name, spec.views)
+        return dense_feature_key(self.backbone_name, spec.view)
 
     def __len__(self) -> int:
         return len(self.index["images"])
 
     def __repr__(self) -> str:
-        return (f"FeatureCache({str(self.root)!r}, images={len(self)}, texts={len(self.index['texts'])}, "
-                f"views={self.views}, complete={self.complete})")
+        return (f"FeatureCache({str(self.root)!r}, kind={self.kind!r}, images={len(self)}, "
+                f"texts={len(self.index['texts'])}, complete={self.complete})")
 
     # ----------------------------------------------------------------- open / build
     @classmethod
@@ -412,10 +395,11 @@ class FeatureCache:
         Args:
             root: cache directory (created if missing).
             records: :class:`~clipground.data.records.GroundingRecord` s (only ``image`` and
-                ``expression`` are used).
+                ``expression`` are used; ``image`` may be a mirrored key ``path#h``).
             backbone: the frozen CLIP.
-            proposals: a :class:`~clipground.proposals.ProposalSource`.
-            spec: views, patch flag and shard sizes (shard sizes of a resumed build are
+            proposals: a :class:`~clipground.proposals.ProposalSource` (``regions`` only; ignored
+                for ``dense``).
+            spec: kind, feature options and shard sizes (shard sizes of a resumed build are
                 taken from its index).
             rebuild: delete a cache with another fingerprint instead of raising
                 :class:`StaleCacheError`.
@@ -427,7 +411,9 @@ class FeatureCache:
         root = Path(root)
         records = list(records)
         images = sorted({str(r.image) for r in records})
-        texts_all = cache_texts([r.expression for r in records], spec.noun_phrases)
+        texts_all = cache_texts([r.expression for r in records], spec.noun_phrases, spec.prompt)
+        if spec.kind == "regions" and proposals is None:
+            raise CacheError("a regions cache needs a proposal source")
         fp, comps, parts = fingerprint(images, texts_all, backbone, proposals, spec)
         root.mkdir(parents=True, exist_ok=True)
         idx = _read_index(root)
@@ -435,15 +421,16 @@ class FeatureCache:
             what = _describe_mismatch(idx, comps)
             if not rebuild:
                 raise StaleCacheError(f"{root} holds a feature cache built from different inputs ({what} differ); "
-                                      f"pass --rebuild to overwrite it, or choose another directory")
+                                      f"pass --rebuild (cache.rebuild=true) to overwrite it, or choose another directory")
             cls._wipe(root)
             idx = None
         if idx is not None and idx.get("complete"):
             return cls(root, idx)
-        for p in root.glob(_TMP + "*"):  # half-written files of a killed build
+        for p in root.glob(TMP_PREFIX + "*"):  # half-written files of a killed build
             p.unlink(missing_ok=True)
         if idx is None:
             long = too_long(backbone, texts_all)
+            grid = patch_grid(backbone, spec.view) if spec.kind == "dense" else None
             idx = {
                 "format": CACHE_FORMAT,
                 "version": CACHE_VERSION,
@@ -453,6 +440,7 @@ class FeatureCache:
                 "spec": asdict(spec) | {"views": list(spec.views)},
                 "embed_dim": backbone.embed_dim,
                 "text_width": backbone.text_width,
+                "grid": list(grid) if grid else None,
                 "images": images,
                 "texts": [t for t, bad in zip(texts_all, long) if not bad],
                 "skipped_texts": [t for t, bad in zip(texts_all, long) if bad],
@@ -461,220 +449,326 @@ class FeatureCache:
                 "complete": False,
             }
             _write_index(root, idx)
-        cls._build_images(root, idx, backbone, proposals, progress, callback)
-        cls._build_texts(root, idx, backbone, progress, callback)
+        builder = cls(root, idx)
+        builder._build_images(backbone, proposals, progress, callback)
+        builder._build_texts(backbone, callback)
         idx["complete"] = True
         _write_index(root, idx)
         return cls(root, idx)
 
     @staticmethod
     def _wipe(root: Path) -> None:
-        for p in list(root.glob("images-*.safetensors")) + list(root.glob("texts-*.safetensors")) + list(root.glob(_TMP + "*")):
+        for p in list(root.glob("images-*.safetensors")) + list(root.glob("texts-*.safetensors")) + list(root.glob(TMP_PREFIX + "*")):
             p.unlink(missing_ok=True)
         (root / INDEX_FILE).unlink(missing_ok=True)
 
-    @staticmethod
-    def _build_images(root: Path, idx: dict[str, Any], backbone: ClipBackbone, proposals: Any, progress: bool,
+    def _commit_shard(self, what: str, tensors: dict[str, torch.Tensor], start: int, count: int) -> None:
+        shards = self.index[f"{what}_shards"]
+        name = f"{what}s-{len(shards):05d}.safetensors"
+        save_safetensors(self.root / name, tensors)
+        shards.append({"file": name, "start": start, "count": count})
+        _write_index(self.root, self.index)
+
+    def _build_images(self, backbone: ClipBackbone, proposals: Any, progress: bool,
                       callback: Callable[[str, int, int], None] | None) -> None:
         from tqdm.auto import tqdm
 
-        from .images import load_image
-
+        idx, spec = self.index, self.spec
         images = idx["images"]
-        views = tuple(idx["spec"]["views"])
-        patches = bool(idx["spec"]["patches"])
         size = int(idx["spec"]["shard_size"])
         start = len(idx["image_shards"]) * size
-        bar = tqdm(total=len(images), initial=start, desc="cache images", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=len(images), initial=start, desc="cache images", unit="img", disable=not progress,
+                   dynamic_ncols=True)
         for s0 in range(start, len(images), size):
             chunk = images[s0 : s0 + size]
-            boxes, scores, views_l, embeds, sizes, patch_l, offsets = [], [], [], [], [], [], [0]
-            for j, path in enumerate(chunk):
-                img = load_image(path)
-                props = proposals(img, path) if proposals is not None else None
-                b = props.boxes if props is not None else torch.zeros(0, 4)
-                sc = props.scores if props is not None else torch.zeros(0)
-                f = image_features(backbone, img, b, views, patches)
-                boxes.append(b.float())
-                scores.append(sc.float())
-                views_l.append(f["view_embeds"].transpose(0, 1))  # (K, V, D)
-                embeds.append(f["image_embed"])
-                sizes.append(torch.tensor(img.size, dtype=torch.int64))
-                if patches:
-                    patch_l.append(f["patch_embeds"])
-                offsets.append(offsets[-1] + len(b))
+
+            def tick(j: int) -> None:
                 bar.update(1)
                 if callback is not None:
                     callback("images", s0 + j + 1, len(images))
-            tensors = {
-                "boxes": torch.cat(boxes).reshape(-1, 4),
-                "scores": torch.cat(scores).reshape(-1),
-                "offsets": torch.tensor(offsets, dtype=torch.int64),
-                "views": torch.cat(views_l).reshape(-1, len(views), backbone.embed_dim),
-                "image_embeds": torch.stack(embeds),
-                "sizes": torch.stack(sizes),
-            }
-            if patches:
-                tensors["patches"] = torch.stack(patch_l)
-            name = f"images-{len(idx['image_shards']):05d}.safetensors"
-            _atomic_safetensors(root / name, tensors)
-            idx["image_shards"].append({"file": name, "start": s0, "count": len(chunk)})
-            _write_index(root, idx)
+
+            if spec.kind == "regions":
+                tensors = self._region_shard(backbone, proposals, chunk, spec, tick)
+            else:
+                tensors = self._dense_shard(backbone, chunk, spec, tick)
+            self._commit_shard("image", tensors, s0, len(chunk))
         bar.close()
 
     @staticmethod
-    def _build_texts(root: Path, idx: dict[str, Any], backbone: ClipBackbone, progress: bool,
-                     callback: Callable[[str, int, int], None] | None) -> None:
+    def _region_shard(backbone: ClipBackbone, proposals: Any, keys: Sequence[str], spec: CacheSpec,
+                      tick: Callable[[int], None]) -> dict[str, torch.Tensor]:
+        boxes, scores, views_l, embeds, sizes, patch_l, offsets = [], [], [], [], [], [], [0]
+        for j, key in enumerate(keys):
+            img = load_keyed_image(key)
+            props = proposals(img, key)
+            f = region_features(backbone, img, props.boxes, spec.views, spec.patches)
+            boxes.append(props.boxes.float())
+            scores.append(props.scores.float())
+            views_l.append(f["view_embeds"].transpose(0, 1))  # (K, V, D)
+            embeds.append(f["image_embed"])
+            sizes.append(torch.tensor(img.size, dtype=torch.int64))
+            if spec.patches:
+                patch_l.append(f["patch_embeds"])
+            offsets.append(offsets[-1] + len(props.boxes))
+            tick(j)
+        out = {
+            "boxes": torch.cat(boxes).reshape(-1, 4),
+            "scores": torch.cat(scores).reshape(-1),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+            "views": torch.cat(views_l).reshape(-1, len(spec.views), backbone.embed_dim),
+            "image_embeds": torch.stack(embeds),
+            "sizes": torch.stack(sizes),
+        }
+        if spec.patches:
+            out["patches"] = torch.stack(patch_l)
+        return out
+
+    @staticmethod
+    def _dense_shard(backbone: ClipBackbone, keys: Sequence[str], spec: CacheSpec,
+                     tick: Callable[[int], None]) -> dict[str, torch.Tensor]:
+        # One batched pass per shard: a shard's content depends only on its own images.
+        pil = [load_keyed_image(k) for k in keys]
+        f = dense_features(backbone, pil, spec.view)
+        for j in range(len(keys)):
+            tick(j)
+        return {"sizes": torch.tensor([im.size for im in pil], dtype=torch.int64),
+                "img_embed": f["img_embed"].float(), "patches": f["patches"].half(),
+                "patch_embeds": f["patch_embeds"].half()}
+
+    def _build_texts(self, backbone: ClipBackbone, callback: Callable[[str, int, int], None] | None) -> None:
+        idx = self.index
         texts = idx["texts"]
         size = int(idx["spec"]["text_shard_size"])
-        start = len(idx["text_shards"]) * size
-        for s0 in range(start, len(texts), size):
+        half = idx["spec"]["kind"] == "dense"
+        for s0 in range(len(idx["text_shards"]) * size, len(texts), size):
             chunk = texts[s0 : s0 + size]
             emb, toks = text_features(backbone, chunk)
             offsets = [0]
             for t in toks:
                 offsets.append(offsets[-1] + len(t))
-            tensors = {
-                "embeds": emb,
-                "tokens": torch.cat(toks) if toks else torch.zeros(0, backbone.text_width),
-                "offsets": torch.tensor(offsets, dtype=torch.int64),
-            }
-            name = f"texts-{len(idx['text_shards']):05d}.safetensors"
-            _atomic_safetensors(root / name, tensors)
-            idx["text_shards"].append({"file": name, "start": s0, "count": len(chunk)})
-            _write_index(root, idx)
+            tokens = torch.cat(toks) if toks else torch.zeros(0, backbone.text_width)
+            self._commit_shard("text", {"embeds": emb.float(), "tokens": tokens.half() if half else tokens.float(),
+                                        "offsets": torch.tensor(offsets, dtype=torch.int64)}, s0, len(chunk))
             if callback is not None:
                 callback("texts", s0 + len(chunk), len(texts))
 
     # ----------------------------------------------------------------- lookups
     def _handle(self, name: str) -> Any:
+        from safetensors import SafetensorError, safe_open
+
         h = self._handles.get(name)
         if h is None:
             path = self.root / name
             if not path.is_file():
-                raise CacheError(f"cache shard {path} is missing; rebuild the cache")
-            h = safe_open(str(path), framework="pt")
+                raise CacheError(f"cache shard {path} is missing; rebuild the cache (--rebuild)")
+            try:
+                h = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CacheError(f"cache shard {path} is corrupt ({str(e).splitlines()[0]}); "
+                                 f"rebuild the cache (--rebuild)") from None
             self._handles[name] = h
         return h
+
+    def _slice(self, name: str, field: str, a: int, b: int) -> torch.Tensor:
+        try:
+            return self._handle(name).get_slice(field)[a:b]
+        except CacheError:
+            raise
+        except Exception as e:  # a truncated or hand-edited shard
+            raise CacheError(f"cache shard {self.root / name} is corrupt ({type(e).__name__}: {e}); "
+                             f"rebuild the cache (--rebuild)") from None
 
     def __getstate__(self) -> dict[str, Any]:  # file handles do not pickle (DataLoader workers)
         d = dict(self.__dict__)
         d["_handles"] = {}
         return d
 
-    def image_index(self, path: str) -> int:
-        """Position of an image path in the cache (raises :class:`CacheError` if absent)."""
-        i = self._image_pos.get(str(path))
+    def image_index(self, key: str) -> int:
+        """Position of an image key in the cache (raises :class:`CacheError` if absent)."""
+        i = self._image_pos.get(str(key))
         if i is None:
-            raise CacheError(f"image {path} is not in the feature cache at {self.root}")
+            raise CacheError(f"image {key} is not in the feature cache at {self.root}")
         return i
 
-    def has_image(self, path: str) -> bool:
-        return str(path) in self._image_pos
+    def has_image(self, key: str) -> bool:
+        return str(key) in self._image_pos
 
     def has_text(self, text: str) -> bool:
         return normalize_text(text) in self._text_pos
 
-    def _locate(self, shards: list[dict[str, Any]], i: int, what: str) -> tuple[dict[str, Any], int]:
-        size = int(self.index["spec"]["shard_size" if what == "image" else "text_shard_size"])
-        s = i // size
-        if s >= len(shards):
-            raise CacheError(f"{what} {i} of the cache at {self.root} is not built yet; resume the build")
-        return shards[s], i - shards[s]["start"]
-
-    def image(self, key: int | str, with_patches: bool = True) -> CachedImage:
-        """Cached entry of image ``key`` (index or path); reads only its own slices."""
-        i = key if isinstance(key, int) else self.image_index(key)
-        shard, j = self._locate(self.index["image_shards"], i, "image")
-        h = self._handle(shard["file"])
-        off = h.get_slice("offsets")[j : j + 2].tolist()
-        a, b = int(off[0]), int(off[1])
-        patches = None
-        if with_patches and self.index["spec"]["patches"]:
-            patches = h.get_slice("patches")[j : j + 1][0]
-        size = h.get_slice("sizes")[j : j + 1][0].tolist()
-        return CachedImage(
-            path=self.index["images"][i],
-            boxes=h.get_slice("boxes")[a:b],
-            scores=h.get_slice("scores")[a:b],
-            view_embeds=h.get_slice("views")[a:b].transpose(0, 1).contiguous(),
-            image_embed=h.get_slice("image_embeds")[j : j + 1][0],
-            size=(int(size[0]), int(size[1])),
-            patch_embeds=patches,
-        )
-
-    def boxes(self, key: int | str) -> torch.Tensor:
-        """Only the proposal boxes of an image ``(K, 4)``."""
-        i = key if isinstance(key, int) else self.image_index(key)
-        shard, j = self._locate(self.index["image_shards"], i, "image")
-        h = self._handle(shard["file"])
-        off = h.get_slice("offsets")[j : j + 2].tolist()
-        return h.get_slice("boxes")[int(off[0]) : int(off[1])]
-
-    def text(self, text: str) -> CachedText:
-        """Cached embedding and token states of an expression."""
+    def text_index(self, text: str) -> int:
+        """Position of a text in the cache (raises :class:`CacheError` if absent)."""
         key = normalize_text(text)
         i = self._text_pos.get(key)
         if i is None:
             why = " (too long for the backbone's text context)" if key in set(self.skipped_texts) else ""
-            raise CacheError(f"expression {key[:60]!r} is not in the feature cache at {self.root}{why}")
-        shard, j = self._locate(self.index["text_shards"], i, "text")
-        h = self._handle(shard["file"])
-        off = h.get_slice("offsets")[j : j + 2].tolist()
-        return CachedText(key, h.get_slice("embeds")[j : j + 1][0], h.get_slice("tokens")[int(off[0]) : int(off[1])])
+            raise CacheError(f"text {key[:60]!r} is not in the feature cache at {self.root}{why}")
+        return i
 
-    def image_state(self, key: int | str, load_pixels: bool = False):
-        """An :class:`~clipground.methods.ImageState` filled from the cache (proposals and features).
+    def _locate(self, what: str, i: int) -> tuple[str, int]:
+        shards = self.index[f"{what}_shards"]
+        size = int(self.index["spec"]["shard_size" if what == "image" else "text_shard_size"])
+        s = i // size
+        if s >= len(shards):
+            raise CacheError(f"{what} {i} of the cache at {self.root} is not built yet; resume the build")
+        return shards[s]["file"], i - shards[s]["start"]
+
+    def image(self, key: int | str, with_patches: bool = True) -> CachedImage:
+        """Cached entry of image ``key`` (index or key); reads only its own slices."""
+        i = key if isinstance(key, int) else self.image_index(key)
+        name, j = self._locate("image", i)
+        size = self._slice(name, "sizes", j, j + 1)[0].tolist()
+        size = (int(size[0]), int(size[1]))
+        path = self.index["images"][i]
+        if self.kind == "dense":
+            feats = {k: self._slice(name, k, j, j + 1)[0] for k in ("img_embed", "patches", "patch_embeds")}
+            return CachedImage(path, size, torch.zeros(0, 4), torch.zeros(0), feats)
+        a, b = (int(v) for v in self._slice(name, "offsets", j, j + 2).tolist())
+        feats = {"view_embeds": self._slice(name, "views", a, b).transpose(0, 1).contiguous(),
+                 "image_embed": self._slice(name, "image_embeds", j, j + 1)[0]}
+        if with_patches and self.index["spec"]["patches"]:
+            feats["patch_embeds"] = self._slice(name, "patches", j, j + 1)[0]
+        return CachedImage(path, size, self._slice(name, "boxes", a, b), self._slice(name, "scores", a, b), feats)
+
+    def boxes(self, key: int | str) -> torch.Tensor:
+        """Only the proposal boxes of an image ``(K, 4)``."""
+        i = key if isinstance(key, int) else self.image_index(key)
+        name, j = self._locate("image", i)
+        if self.kind == "dense":
+            return torch.zeros(0, 4)
+        a, b = (int(v) for v in self._slice(name, "offsets", j, j + 2).tolist())
+        return self._slice(name, "boxes", a, b)
+
+    def text(self, text: str) -> CachedText:
+        """Cached embedding and token states of a text."""
+        i = self.text_index(text)
+        name, j = self._locate("text", i)
+        a, b = (int(v) for v in self._slice(name, "offsets", j, j + 2).tolist())
+        return CachedText(self.index["texts"][i], self._slice(name, "embeds", j, j + 1)[0],
+                          self._slice(name, "tokens", a, b))
+
+    def image_state(self, key: int | str, load_pixels: bool = False, backbone: ClipBackbone | None = None):
+        """An :class:`~clipground.methods.ImageState` filled from the cache, ready for
+        :meth:`~clipground.Grounder.set_image_state`.
 
         Without ``load_pixels`` the image is a blank placeholder of the right size: enough
-        for every method's :meth:`rank` on frozen features, with no decoding cost.
+        for every method's :meth:`rank` on frozen features, with no decoding cost. A dense
+        state also needs the ``backbone`` (its processor fixes the input geometry).
         """
         from .methods.base import ImageState
         from .proposals import Proposals
 
         e = self.image(key)
-        if load_pixels:
-            from .images import load_image
-
-            img = load_image(e.path)
+        img = load_keyed_image(e.path) if load_pixels else Image.new("RGB", e.size)
+        feats: dict[str, Any] = dict(e.features)
+        props = None
+        if self.kind == "dense":
+            if backbone is None:
+                raise CacheError("a dense cache's image state needs the backbone (for the input geometry)")
+            spec = self.spec
+            feats = {k: v.float() for k, v in feats.items()}
+            feats["grid"] = tuple(self.index["grid"])
+            feats["geometry"] = dense_geometry(backbone, e.size, spec.view)
         else:
-            img = Image.new("RGB", e.size)
-        return ImageState(image=img, key=e.path, proposals=Proposals(e.boxes, e.scores), features=e.features())
+            props = Proposals(e.boxes, e.scores)
+        return ImageState(image=img, key=e.path, proposals=props, features=feats, feature_key=self.feature_key())
+
+    def proposal_source(self) -> "CachedProposals":
+        """A proposal source that answers with this cache's boxes (for live re-encoding)."""
+        return CachedProposals(self)
+
+    def dense_arrays(self) -> dict[str, torch.Tensor]:
+        """Every image of a dense cache at once: ``sizes (N, 2)``, ``img_embed (N, D)``,
+        ``patches (N, P, Dv)`` and ``patch_embeds (N, P, D)`` (float16), rows in :attr:`images` order."""
+        if self.kind != "dense":
+            raise CacheError(f"{self.root} is a {self.kind} cache, not a dense one")
+        fields = ("sizes", "img_embed", "patches", "patch_embeds")
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in fields}
+        for s in self.index["image_shards"]:
+            for k in fields:
+                parts[k].append(self._slice(s["file"], k, 0, s["count"]))
+        if len(self) and sum(s["count"] for s in self.index["image_shards"]) != len(self):
+            raise CacheError(f"feature cache at {self.root} is incomplete; resume its build")
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def text_arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every text at once: ``embeds (T, D)``, token states zero-padded ``(T, L, Dt)`` and lengths ``(T,)``."""
+        embeds, toks, lens = [], [], []
+        for s in self.index["text_shards"]:
+            off = self._slice(s["file"], "offsets", 0, s["count"] + 1)
+            tok = self._slice(s["file"], "tokens", 0, int(off[-1]))
+            embeds.append(self._slice(s["file"], "embeds", 0, s["count"]))
+            for a, b in zip(off[:-1].tolist(), off[1:].tolist()):
+                toks.append(tok[a:b])
+                lens.append(b - a)
+        width = max(lens, default=1)
+        dt = self.index["text_width"]
+        dtype = toks[0].dtype if toks else torch.float32
+        padded = torch.zeros(len(toks), width, dt, dtype=dtype)
+        for i, t in enumerate(toks):
+            padded[i, : len(t)] = t
+        emb = torch.cat(embeds) if embeds else torch.zeros(0, self.index["embed_dim"])
+        return emb, padded, torch.tensor(lens, dtype=torch.int64)
 
     def summary(self) -> dict[str, Any]:
         """Counts and provenance for the user."""
         done = sum(s["count"] for s in self.index["image_shards"])
         return {
             "root": str(self.root),
+            "kind": self.kind,
             "fingerprint": self.fingerprint,
             "complete": self.complete,
             "images": len(self),
             "images_done": done,
             "texts": len(self.index["texts"]),
             "skipped_texts": len(self.skipped_texts),
-            "views": list(self.views),
-            "patches": bool(self.index["spec"]["patches"]),
-            "backbone": self.index["inputs"]["backbone"]["name"],
+            "features": self.spec.feature_options(),
+            "backbone": self.backbone_name,
             "proposals": self.index["inputs"]["proposals"].get("name"),
             "bytes": sum(p.stat().st_size for p in self.root.glob("*.safetensors")),
         }
+
+
+class CachedProposals(ProposalSource):
+    """The boxes a regions cache holds for each image key, as a proposal source.
+
+    For methods whose features change while they train (the fine-tuned scorers): their
+    validation re-encodes each image live, on the proposals the cache was built with.
+    """
+
+    name = "cache"
+    needs_image_key = True
+
+    def __init__(self, cache: FeatureCache):
+        super().__init__()
+        self.cache = cache
+
+    def __call__(self, image: Image.Image, image_key: str | None = None) -> Any:
+        from .proposals import Proposals
+
+        if image_key is None:
+            raise CacheError("cached proposals are looked up by image key; pass image_key")
+        e = self.cache.image(image_key, with_patches=False)
+        return Proposals(e.boxes, e.scores)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.cache.root)}
 
 
 __all__ = [
     "CACHE_FORMAT",
     "CACHE_VERSION",
     "FEATURE_VERSION",
+    "KINDS",
     "CacheError",
     "CacheSpec",
     "CachedImage",
+    "CachedProposals",
     "CachedText",
     "FeatureCache",
     "StaleCacheError",
     "cache_texts",
     "fingerprint",
-    "image_features",
     "normalize_text",
-    "text_features",
-    "too_long",
     "weights_sha256",
 ]

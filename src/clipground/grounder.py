@@ -5,15 +5,16 @@
 >>> g.predict("the red circle").box   # cheap: one text encoding + a matrix product
 [x1, y1, x2, y2]
 
-``Grounder.from_pretrained(dir)`` loads a trained method saved by
-:meth:`Grounder.save_pretrained` (``grounder.json`` + ``model.safetensors``).
+The heavy per-image state can be taken out and put back (``get_image_state`` /
+``set_image_state``), so a cache of states (the feature cache, a service's LRU) serves many
+phrases without encoding the image again. ``Grounder.from_pretrained(dir)`` loads a trained
+method saved by :meth:`Grounder.save_pretrained` (``grounder.json`` + ``model.safetensors``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from .backbone import DEFAULT_BACKBONE, ClipBackbone
 from .backbone.clip import check_phrase
 from .errors import CheckpointNotFoundError, ClipgroundError
 from .images import ImageInput, load_image
+from .io import atomic_dir, write_json
 from .methods import GroundingMethod, ImageState, Ranking, get_method_class
 from .proposals import ProposalSource, get_proposals
 
@@ -174,9 +176,6 @@ class Grounder:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``grounder.json`` and ``model.safetensors`` (and the backbone if fine-tuned) atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
         meta = {
             "method": self.method.name,
             "config": self.method.config.to_dict(),
@@ -184,21 +183,13 @@ class Grounder:
             "proposals": self.proposals.config() if self.proposals is not None else None,
             "format_version": 1,
         }
-        (tmp / "grounder.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         state = {k: v.detach().cpu().contiguous() for k, v in self.method.trainable_state_dict().items()}
-        if state:
-            save_file(state, str(tmp / "model.safetensors"))
-        if self.method.saves_backbone:
-            self.method.backbone.save_pretrained(tmp / "backbone")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            write_json(tmp / "grounder.json", meta)
+            if state:
+                save_file(state, str(tmp / "model.safetensors"))
+            if self.method.saves_backbone:
+                self.method.backbone.save_pretrained(tmp / "backbone")
 
     # ----------------------------------------------------------------- inference
     @property
@@ -214,7 +205,7 @@ class Grounder:
         img = load_image(image)
         if image_key is None and isinstance(image, (str, os.PathLike)):
             image_key = str(image)
-        state = ImageState(image=img, key=image_key)
+        state = ImageState(image=img, key=image_key, feature_key=self.method.feature_key())
         if self.method.uses_proposals:
             state.proposals = self.proposals(img, image_key)
         with torch.inference_mode():
@@ -222,8 +213,36 @@ class Grounder:
         self.state = state
         return self
 
+    def reset_image(self) -> "Grounder":
+        """Forget the current image (and free its features)."""
+        self.state = None
+        return self
+
+    def get_image_state(self) -> ImageState:
+        """The heavy per-image state of the current image (to keep and :meth:`set_image_state` later)."""
+        if self.state is None:
+            raise ClipgroundError("no image is set: call set_image(image) first")
+        return self.state
+
+    def set_image_state(self, state: ImageState) -> "Grounder":
+        """Make ``state`` (from :meth:`get_image_state` or a feature cache) the current image.
+
+        Refused when the state holds other features than this grounder's method computes
+        (another method family, other views or patch grid, another backbone).
+        """
+        if not isinstance(state, ImageState):
+            raise ClipgroundError(f"set_image_state() takes an ImageState, got {type(state).__name__}")
+        want = self.method.feature_key()
+        if state.feature_key != want:
+            raise ClipgroundError(f"this image state holds features {state.feature_key} but method "
+                                  f"{self.method.name!r} reads {want}; encode the image with set_image()")
+        if self.method.uses_proposals and state.proposals is None:
+            raise ClipgroundError(f"method {self.method.name!r} needs proposals, and this image state has none")
+        self.state = state
+        return self
+
     def predict_batch(self, phrases: Sequence[str]) -> list[Prediction]:
-        """Ground several phrases in the current image (one batched text encoding)."""
+        """Ground several phrases in the current image (the method batches their text encoding)."""
         if self.state is None:
             raise ClipgroundError("call set_image(image) before predict()")
         if isinstance(phrases, str):
@@ -231,8 +250,6 @@ class Grounder:
         phrases = [check_phrase(p) for p in phrases]
         w, h = self.state.size
         with torch.inference_mode():
-            if len(phrases) > 1:
-                self.backbone.text_embeds(phrases)  # one batched text pass fills the cache
             rankings: list[Ranking] = self.method.rank(self.state, phrases)
         out = []
         for phrase, r in zip(phrases, rankings):

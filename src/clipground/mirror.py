@@ -2,9 +2,11 @@
 
 A scene mirrored left-right, with "left" and "right" swapped in the phrase, describes the
 mirrored object, so a mirrored (image, phrase, box) triple is as true as the original.
-Training uses this to multiply data (``flips``); inference uses it for test-time
-augmentation (the fusion regressor's ``tta``): predict on each mirrored view, map the
-boxes back, and let the views vote (:func:`vote_boxes`).
+Training uses this to multiply data (``flips``: :func:`add_flips`, whose records name their
+image ``path#h`` / ``path#v`` / ``path#hv``, a key the feature cache and
+:func:`load_keyed_image` understand); inference uses it for test-time augmentation (the
+fusion regressor's ``tta``): predict on each mirrored view, map the boxes back, and let the
+views vote (:func:`vote_boxes`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,38 @@ def flip_image(image: Any, kind: str) -> Any:
     if "v" in kind:
         image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
     return image
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``path#kind`` -> ``(path, kind)``; a plain path -> ``(path, "")``."""
+    path, sep, kind = key.rpartition("#")
+    return (path, kind) if sep and kind in FLIP_KINDS else (key, "")
+
+
+def load_keyed_image(key: str) -> Any:
+    """Load ``path`` or a mirrored view ``path#h`` / ``path#v`` / ``path#hv``."""
+    from .images import load_image
+
+    path, kind = split_key(key)
+    return flip_image(load_image(path), kind)
+
+
+def add_flips(records: Sequence[Any], kinds: Sequence[str]) -> list[Any]:
+    """``records`` plus mirrored copies (image key ``path#kind``, flipped box, swapped words)."""
+    from .data.records import GroundingRecord
+    from .images import load_image
+
+    kinds = check_kinds(kinds)
+    sizes: dict[str, tuple[int, int]] = {}
+    out = list(records)
+    for kind in kinds:
+        for r in records:
+            if r.image not in sizes:
+                sizes[r.image] = load_image(r.image).size
+            out.append(GroundingRecord(f"{r.image}#{kind}", flip_expression(r.expression, kind),
+                                       flip_box(r.box, kind, *sizes[r.image]), r.image_id, r.ref_id, r.split,
+                                       {**r.meta, "flip": kind}))
+    return out
 
 
 def vote_boxes(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5

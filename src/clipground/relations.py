@@ -127,6 +127,22 @@ def parse(expression: str, size_words: bool = False) -> ParsedExpression:
     return ParsedExpression(_clean(text) or text)
 
 
+def score_expression(phrase: str, boxes: torch.Tensor, size: tuple[float, float],
+                     similarity: Callable[[str], torch.Tensor], temperature: float, relations: bool = True,
+                     size_words: bool = True) -> tuple[torch.Tensor, bool]:
+    """Score every box for one phrase the zero-shot way: ``(scores (K,), resolved)``.
+
+    ``similarity(text)`` gives every box's CLIP similarity to ``text``. A spatial phrase (with
+    ``relations``) goes through :func:`resolve` and ``resolved`` is True (scores are
+    probabilities in [0, 1]); otherwise the scores are the phrase's similarities. The zero-shot
+    scorer and the trained scorers' resolver prior both call this, so they give one answer.
+    """
+    parsed = parse(phrase, size_words=size_words) if relations else None
+    if parsed is not None and parsed.is_spatial:
+        return resolve(parsed, boxes, size, similarity, temperature=temperature), True
+    return similarity(phrase), False
+
+
 def is_spatial(expression: str) -> bool:
     """Whether an expression uses a spatial relation, superlative or ordinal."""
     return parse(expression).is_spatial

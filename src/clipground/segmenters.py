@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from .errors import UnknownNameError
-from .heatmaps import _load_pretrained, normalize_heatmap
+from .backbone.hub import load_pretrained
+from .heatmaps import normalize_heatmap
 
 
 @dataclass
@@ -185,8 +186,8 @@ class SamSegmenter(Segmenter):
         if prompt not in SAM_PROMPTS:
             raise UnknownNameError(f"unknown sam_prompt {prompt!r}; choose from {list(SAM_PROMPTS)}")
         opt, alt = "sam_model", "segmenter='grabcut'"
-        self.model = _load_pretrained(SamModel, model, "SAM model", opt, alt).to(device).eval()
-        self.processor = _load_pretrained(SamProcessor, model, "SAM processor", opt, alt)
+        self.model = load_pretrained(SamModel, model, "SAM model", opt, alt).to(device).eval()
+        self.processor = load_pretrained(SamProcessor, model, "SAM processor", opt, alt)
         self.prompt = prompt
         self.device = torch.device(device)
 

@@ -62,7 +62,7 @@ def _records():
         R("a.png", "the cat on the left", [20, 20, 30, 30], split="val", meta={"type": "spatial"}),
         R("b.png", "x", [100, 100, 110, 110], split="test", meta={"type": "attribute"}),
         R("a.png", "a thing that is there", [40, 40, 50, 50], split="test", meta={"type": "attribute"}),
-        R("b.png", "refuse", [0, 0, 10, 10], split="test"),
+        R("b.png", "refuse", [0, 0, 10, 10], split="test", meta={"type": "spatial"}),
         R("broken.png", "y", [0, 0, 10, 10], split="val"),
     ]
 
@@ -81,23 +81,29 @@ def test_groups_by_image_counts_failures_and_scores_exactly():
     assert g.set_image_calls == ["a.png", "b.png", "broken.png"]  # once per image, first-appearance order
     assert g.batch_calls[0] == ["the dog", "the cat on the left", "a thing that is there"]  # one batch per image
     m = res.metrics
-    assert m["count"] == 3 + 1
-    assert m["acc@0.5"] == pytest.approx(2 / 4)
-    assert m["acc@0.75"] == pytest.approx(1 / 4)
-    assert m["miou"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
-    assert (m["p@1"], m["p@5"], m["p@10"]) == pytest.approx((2 / 4, 3 / 4, 3 / 4))
-    assert m["proposal_recall@0.5"] == pytest.approx(3 / 4)
+    # The refused phrase is a miss (IoU 0); the expression on the broken image is not scored.
+    assert m["count"] == 3 + 1 + 1
+    assert m["acc@0.5"] == pytest.approx(2 / 5)
+    assert m["acc@0.75"] == pytest.approx(1 / 5)
+    assert m["miou"] == pytest.approx((1 + 0 + 0.5 + 0 + 0) / 5)
+    assert (m["p@1"], m["p@5"], m["p@10"]) == pytest.approx((2 / 5, 3 / 5, 3 / 5))
+    assert m["proposal_recall@0.5"] == pytest.approx(4 / 5)
     assert m["mean_proposals"] == pytest.approx(3.0)
+    assert m["refused_rate"] == pytest.approx(1 / 5)
     assert list(m)[0] == "acc@0.5"
     c = res.counts
-    assert (c["records"], c["scored"], c["failed_items"], c["failed_images"], c["images"]) == (6, 4, 2, 1, 2)
+    assert (c["records"], c["scored"], c["refused"], c["failed_items"], c["failed_images"], c["images"]) == \
+        (6, 5, 1, 1, 1, 2)
     assert {f.get("expression") for f in res.failures} == {None, "refuse"}
+    refused = [it for it in res.items if it.refused]
+    assert len(refused) == 1 and refused[0].box == [] and refused[0].iou == 0.0 and not refused[0].correct
     bd = res.breakdown
     assert bd["spatial"]["spatial"]["count"] == 1 and bd["spatial"]["spatial"]["acc@0.5"] == 0.0
     assert bd["type"]["attribute"]["count"] == 3 and bd["type"]["attribute"]["acc@0.5"] == pytest.approx(2 / 3)
     assert set(bd["split"]) == {"val", "test"} and bd["split"]["val"]["acc@0.5"] == pytest.approx(0.5)
     assert bd["split_type"]["test/attribute"]["count"] == 2
-    assert sum(b["count"] for b in bd["length"].values()) == 4
+    assert sum(b["count"] for b in bd["length"].values()) == 5
+    assert res.protocol["refused_phrases"] == "scored as misses"
     assert res.protocol["hit_criterion"].startswith("IoU") and "GIoU" in res.protocol["hit_criterion"]
     assert len(res.examples) == 3 and any(res.items[i].correct for i in res.examples) \
         and any(not res.items[i].correct for i in res.examples)
@@ -126,7 +132,8 @@ def test_report_files_roundtrip_and_comparison(tmp_path):
     assert table.splitlines()[2].startswith("| Acc@0.5 |")  # Acc@0.5 is the first row
     assert "IoU, not GIoU" in md and "broken.png" in md
     lines = files["predictions.jsonl"].read_text().splitlines()
-    assert len(lines) == 4 and json.loads(lines[0])["correct"] is True
+    assert len(lines) == 5 and json.loads(lines[0])["correct"] is True
+    assert "1 phrases the model refused, scored as misses" in md
 
     back = load_result(tmp_path / "out")
     assert back.metrics == res.metrics and back.breakdown == res.breakdown and back.items == []
@@ -138,8 +145,8 @@ def test_report_files_roundtrip_and_comparison(tmp_path):
     table = comparison_markdown([res, other])
     rows = table.splitlines()
     assert rows[0].startswith("| method | split | n | Acc@0.5 all | Acc@0.5 attribute | Acc@0.5 spatial")
-    assert any(r.startswith("| fake | test | 2 | 50.0% | 50.0% | - |") for r in rows)
-    assert any(r.startswith("| other | val | 4 | 50.0% |") for r in rows)
+    assert any(r.startswith("| fake | test | 3 | 33.3% | 50.0% | 0.0% |") for r in rows)
+    assert any(r.startswith("| other | val | 5 | 40.0% |") for r in rows)
     png = plot_comparison([res, other], tmp_path / "cmp.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 

@@ -16,14 +16,16 @@ from clipground.data.jsonl import write_jsonl
 from clipground.data.records import GroundingRecord
 from clipground.methods.dense import HeatmapSegment, Locator, _moments
 from clipground.segmenters import GrabCutSegmenter, ThresholdSegmenter, box_from_heatmap, component_at, make_seeds
-from clipground.training.recipes.dense import (
+from clipground.cache import CacheSpec, FeatureCache
+from clipground.training.dense_data import DenseDataset
+from clipground.training.losses import box_coverage
+from clipground.training.recipes.locator import (
     LocatorRecipeConfig,
-    box_coverage,
+    fit,
     load_instance_masks,
     mask_to_input,
-    train_locator,
+    resolve_masks,
 )
-from clipground.training.recipes.regression import build_feature_cache
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
 
@@ -84,7 +86,7 @@ def test_instance_masks_match_by_box(tmp_path: Path) -> None:
     m = load_instance_masks(recs, tmp_path / "inst.json")
     assert m[1] is None and m[0] is not None and m[0].shape == (20, 40)
     assert m[0][12, 21] and not m[0][3, 5]  # the triangle, not the rectangle
-    t = mask_to_input(m[0], 1.0, (16, 16))  # 40x20 padded to 40x40, then 16x16
+    t = mask_to_input(m[0], 0.0, 40.0, (16, 16))  # 40x20 padded to 40x40, then 16x16
     assert t.shape == (16, 16) and float(t[8:, :].sum()) == 0 and float(t.max()) > 0.5
 
 
@@ -154,19 +156,25 @@ def test_heatmap_segment_grabcut_end_to_end(tmp_path: Path, tiny_clip_dir: Path)
 def test_locator_trains_and_round_trips(tmp_path: Path, tiny_clip_dir: Path) -> None:
     recs = make_scenes(tmp_path)
     bb = ClipBackbone.from_pretrained(tiny_clip_dir)
-    cache = build_feature_cache(bb, recs, progress=False)
     cfg = LocatorRecipeConfig()
+    spec = CacheSpec.dense_of(Locator(bb, cfg.model).view, noun_phrases=False)
+    cache = FeatureCache.build(tmp_path / "cache", recs, bb, None, spec, progress=False)
     m = cfg.model
     m.dim, m.heads, m.adapter_layers, m.refiner_channels = 32, 2, 1, 8
     t = cfg.train
     t.max_steps, t.batch_size, t.lr, t.warmup_steps, t.log_every, t.save_every, t.eval_every = 80, 8, 5e-3, 0, 1, 0, 0
     t.progress, t.output_dir = False, str(tmp_path / "run")
-    method, result = train_locator(cfg, bb, recs, recs, cache)
+    method, result = fit(cfg, bb, recs, cache, recs, cache)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 80
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
-    assert set(result.last_eval) == {"miou", "acc50"}
+    # Validation is the one evaluator on the cached states: the same numbers as `clipground eval`.
+    from clipground.evaluation import evaluate
+
+    ref = evaluate(Grounder(method), recs, progress=False, examples=0)
+    assert result.last_eval["acc@0.5"] == pytest.approx(ref.metrics["acc@0.5"], abs=1 / len(recs) + 1e-9)
+    assert result.last_eval["count"] == len(recs)
 
     g = Grounder(method)
     g.save_pretrained(tmp_path / "saved")
@@ -202,15 +210,16 @@ def test_locator_recipe_with_masks(tmp_path: Path, tiny_clip_dir: Path) -> None:
                      out=str(tmp_path / "run"),
                      overrides=["max_steps=3", "batch_size=4", "progress=false", "dim=16", "heads=2",
                                 "refiner_channels=4", "adapter_layers=1"])
-    from clipground.training.recipes.dense import resolve_masks
-
-    cache = build_feature_cache(ClipBackbone.from_pretrained(tiny_clip_dir), recs, progress=False)
-    masks = resolve_masks("auto", str(tmp_path / "train.jsonl"), "train", recs, cache, (16, 16))
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)
+    cache = FeatureCache.build(tmp_path / "cache", recs, bb, None, CacheSpec(kind="dense", noun_phrases=False),
+                               progress=False)
+    ds = DenseDataset(cache, recs, bb)
+    masks = resolve_masks("auto", str(tmp_path / "train.jsonl"), "train", recs, ds, (16, 16))
     assert masks is not None and len(masks) == 6
     # A filled-rectangle polygon mask agrees with the box raster (up to polygon edge pixels).
     norm = torch.tensor([recs[0].box]) / 48
     assert (masks[0].float() - box_coverage(norm, 16, 16)[0]).abs().mean() < 0.05
-    assert resolve_masks("none", str(tmp_path / "train.jsonl"), "train", recs, cache, (16, 16)) is None
+    assert resolve_masks("none", str(tmp_path / "train.jsonl"), "train", recs, ds, (16, 16)) is None
     final = get_recipe("locator")(args)
     assert (final / "model.safetensors").is_file()
     assert Grounder.from_pretrained(final)(recs[0].image, "the red box").box

@@ -17,15 +17,10 @@ from clipground.cache import CacheSpec, FeatureCache
 from clipground.data.jsonl import write_jsonl
 from clipground.data.records import GroundingRecord
 from clipground.methods import get_method_class
-from clipground.methods.trained_scorers import (
-    box_geometry,
-    collate_feature_items,
-    multi_positive_ce,
-    noun_phrases,
-    unfreeze_clip,
-)
+from clipground.methods.trained_scorers import box_geometry, collate_feature_items, noun_phrases
 from clipground.proposals import get_proposals
 from clipground.training import checkpoint as C
+from clipground.training.losses import multi_positive_ce
 from clipground.training.recipes import TrainArgs, get_recipe
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 230)}
@@ -65,18 +60,18 @@ def data(tmp_path_factory):
     return rect_data(tmp_path_factory.mktemp("rects"))
 
 
-def _train(method, data, clip, out, steps=20, extra=(), resume=False, cache=None):
+def _train(method, data, clip, out, steps=20, extra=(), resume=False, cache=None, val=None):
     ann, props = data
     over = [f"max_steps={steps}", "batch_size=4", "log_every=1", "save_every=0", "progress=false", "warmup_steps=0",
             "seed=3", "data.train_proposals=4"]
     small = {"proposal-classifier": ["hidden=32"], "proposal-attention": ["d_model=32", "layers=1", "heads=2"],
              "clip-finetune": ["hidden=32"], "flyp": []}
-    over += [f"method.{x}" for x in small[method]]
+    over += [f"model.{x}" for x in small[method]]
     if method in ("clip-finetune", "flyp"):
-        over += ["lr=1e-3", "method.vision_blocks=1", "method.text_blocks=1"]
+        over += ["lr=1e-3", "model.vision_blocks=1", "model.text_blocks=1"]
     else:
         over += ["lr=3e-3", "dropout=0.0"]
-    args = TrainArgs(method=method, train=str(ann), val=None, backbone=str(clip), proposals=f"file:{props}",
+    args = TrainArgs(method=method, train=str(ann), val=val, backbone=str(clip), proposals=f"file:{props}",
                      out=str(out), overrides=over + list(extra), resume=resume, cache=str(cache or out / "cache"))
     return get_recipe(method)(args)
 
@@ -92,7 +87,7 @@ def _predict(g: Grounder, image: str, phrases: list[str]):
 
 
 @pytest.mark.parametrize("method,extra", [(m, ()) for m in METHODS]
-                         + [("proposal-attention", ("method.resolver_prior=true",))])
+                         + [("proposal-attention", ("model.resolver_prior=true",))])
 def test_trains_from_cache_and_round_trips(method, extra, data, tiny_clip_dir, tmp_path):
     out = tmp_path / "run"
     final = _train(method, data, tiny_clip_dir, out, extra=extra)
@@ -141,7 +136,7 @@ def test_frozen_training_reads_only_the_cache(data, tiny_clip_dir, tmp_path, mon
 
     monkeypatch.setattr(ClipBackbone, "forward_image", boom)
     monkeypatch.setattr(ClipBackbone, "forward_text", boom)
-    monkeypatch.setattr("clipground.cache.render_views", boom)
+    monkeypatch.setattr("clipground.backbone.features.render_views", boom)
     _train("proposal-attention", data, tiny_clip_dir, tmp_path / "run", steps=3, cache=tmp_path / "cache")
 
 
@@ -150,7 +145,7 @@ def test_resume_matches_uninterrupted(data, tiny_clip_dir, tmp_path):
     full = _train("proposal-classifier", data, tiny_clip_dir, tmp_path / "a", steps=8, extra=["save_every=4"],
                   cache=tmp_path / "cache")
     # A run killed after its step-4 checkpoint, then resumed.
-    from clipground.training.recipes.scorers import load_recipe_config
+    from clipground.training.recipes.scorers import load_scorer_config
 
     _train("proposal-classifier", data, tiny_clip_dir, tmp_path / "b", steps=8, extra=["save_every=4"],
            cache=tmp_path / "cache")
@@ -164,7 +159,25 @@ def test_resume_matches_uninterrupted(data, tiny_clip_dir, tmp_path):
                      resume=True, cache=tmp_path / "cache")
     wa, wb = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert load_recipe_config("flyp", None, []).train.lr == 1e-5  # method defaults apply
+    assert load_scorer_config("flyp", None, []).train.lr == 1e-5  # method defaults apply
+
+
+@pytest.mark.parametrize("method", ["proposal-classifier", "flyp"])
+def test_validation_is_the_one_evaluator(method, data, tiny_clip_dir, tmp_path):
+    """The recipe's validation numbers are `clipground.evaluation.evaluate` of the trained method
+    (frozen: on the validation cache's states; fine-tuned: re-encoding each image live)."""
+    from clipground.data.jsonl import read_jsonl
+    from clipground.evaluation import evaluate
+
+    ann, props = data
+    final = _train(method, data, tiny_clip_dir, tmp_path / "run", steps=4, val=str(ann))
+    last = json.loads((tmp_path / "run" / "final_metrics.json").read_text())["val"]
+    g = Grounder.from_pretrained(final, proposals=get_proposals(f"file:{props}"))
+    ref = evaluate(g, read_jsonl(ann), progress=False, examples=0)
+    assert last["count"] == ref.metrics["count"] == len(read_jsonl(ann))
+    assert last["acc@0.5"] == pytest.approx(ref.metrics["acc@0.5"])
+    assert last["acc@0.5/attribute"] == pytest.approx(ref.breakdown["type"]["attribute"]["acc@0.5"])
+    assert (tmp_path / "run" / "cache" / "val" / "index.json").is_file()
 
 
 def test_recall_ceiling_is_reported(data, tiny_clip_dir, tmp_path):
@@ -221,7 +234,7 @@ def test_helpers():
 
 def test_unfreeze_keeps_layernorms_frozen(tiny_clip_dir):
     bb = ClipBackbone.from_pretrained(tiny_clip_dir)
-    names = unfreeze_clip(bb, 1, -1)
+    names = bb.unfreeze_blocks(1, -1)
     trainable = {n for n, p in bb.model.named_parameters() if p.requires_grad}
     assert trainable == set(names) and not any("norm" in n for n in trainable)
     assert any(n.startswith("vision_model.encoder.layers.1.") for n in trainable)
@@ -286,7 +299,7 @@ def test_resolver_prior_is_the_zero_shot_answer_and_trains(data, tiny_clip_dir, 
         assert torch.equal(boxes[int(it["prior"].argmax())], z.boxes[0])
 
     out = tmp_path / "run"
-    final = _train("proposal-attention", data, tiny_clip_dir, out, extra=["method.resolver_prior=true"])
+    final = _train("proposal-attention", data, tiny_clip_dir, out, extra=["model.resolver_prior=true"])
     assert json.loads((final / "grounder.json").read_text())["config"]["resolver_prior"] is True
     assert all(torch.isfinite(torch.tensor(_losses(out))))
     loaded = Grounder.from_pretrained(final, proposals=props)

@@ -125,11 +125,11 @@ def test_cli_pretrain_generates_world_saves_and_reloads(tmp_path: Path) -> None:
     import typer
     from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
 
-    from clipground.cli import train as cli_train
-    from clipground.training.pretrain import image_embeds, text_embeds
+    from clipground.cli import pretrain as cli_pretrain
+    from clipground.training.pretrain import as_backbone
 
     app = typer.Typer()
-    cli_train.register(app)
+    cli_pretrain.register(app)
     app.command("noop")(lambda: None)  # keep `pretrain` a named subcommand
     world, out = tmp_path / "world", tmp_path / "model"
     args = ["pretrain", "--world", str(world), "--out", str(out), f"output_dir={tmp_path / 'run'}",
@@ -141,6 +141,8 @@ def test_cli_pretrain_generates_world_saves_and_reloads(tmp_path: Path) -> None:
         assert (out / f).is_file(), f
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/val_acc" in x for x in rows) and any("loss" in x for x in rows)
+    gate = [x for x in rows if "eval/val_acc" in x][-1]
+    assert {"eval/val_acc_np", "eval/val_acc_hard", "eval/val_acc_crop", "eval/compositional_acc"} <= set(gate)
 
     model = CLIPModel.from_pretrained(out).eval()
     proc = CLIPProcessor.from_pretrained(out)
@@ -152,7 +154,8 @@ def test_cli_pretrain_generates_world_saves_and_reloads(tmp_path: Path) -> None:
     assert pv.shape == (2, 3, 32, 32)
     tok = proc(text=["the red circle", "an unknown zebra"], padding=True, return_tensors="pt")
     with torch.no_grad():
-        e_img, e_txt = image_embeds(model, pv), text_embeds(model, tok["input_ids"], tok["attention_mask"])
+        bb = as_backbone(model, proc)
+        e_img, e_txt = bb.forward_image(pv).embeds, bb.forward_text(tok["input_ids"], tok["attention_mask"]).embeds
         out_ = model(**tok, pixel_values=pv)
     assert torch.allclose(out_.image_embeds, e_img, atol=1e-5) and torch.isfinite(e_txt).all()
     # Reloaded weights are the trained ones (the run's final checkpoint).

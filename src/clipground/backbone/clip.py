@@ -6,32 +6,33 @@ bundled name (``clipground/world-clip``, the small CLIP our own code pretrains i
 synthetic world and ships inside the package). All three take the same code path:
 ``CLIPModel.from_pretrained`` and ``CLIPProcessor.from_pretrained``.
 
-Offline, a hub id that is not in the local cache fails fast with one line that names the
-id and says how to pass a local directory, instead of transformers' retry loop.
+Checkpoint names are resolved by :mod:`clipground.backbone.hub` (offline, a hub id that is
+not in the local cache fails fast with one line instead of transformers' retry loop).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from PIL import Image
 from torch import nn
 
 from ..errors import BadPhraseError, CheckpointNotFoundError
+from .hub import offline_message, resolve_checkpoint
 
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch32"
 #: What a dense method can read as per-patch joint-space embeddings (see ``forward_image``).
 DENSE_EMBEDS = ("final", "value")
-_ASSETS = Path(__file__).resolve().parent.parent / "assets"
-#: Checkpoints shipped inside the package, addressable by name like hub ids.
-BUNDLED: dict[str, Path] = {"clipground/world-clip": _ASSETS / "world-clip"}
+
+
+def _is_norm(name: str) -> bool:
+    n = name.lower()
+    return "layer_norm" in n or "layernorm" in n or ".ln_" in n or n.endswith("norm.weight") or n.endswith("norm.bias")
 
 
 @dataclass
@@ -73,63 +74,6 @@ class TextFeatures:
                             None if self.words is None else self.words[ix])
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Quick TCP check of the Hugging Face endpoint, so offline runs fail in seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _offline_message(name: str) -> str:
-    return (
-        f"cannot load CLIP checkpoint '{name}': it is not in the local Hugging Face cache and the hub is "
-        f"unreachable; download it where you have internet (e.g. `huggingface-cli download {name} "
-        f"--local-dir DIR`) and pass that directory instead (--backbone DIR), or use the bundled "
-        f"offline model --backbone clipground/world-clip"
-    )
-
-
-def resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, bool]:
-    """Map a bundled name, local directory or hub id to ``(path_or_id, local_files_only)``.
-
-    Raises:
-        CheckpointNotFoundError: a local path that does not exist, or a hub id that is
-            neither cached nor reachable.
-    """
-    name = str(name_or_path)
-    if name in BUNDLED:
-        path = BUNDLED[name]
-        if not (path / "config.json").is_file():
-            raise CheckpointNotFoundError(f"bundled checkpoint '{name}' is missing from this install ({path})")
-        return str(path), True
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise CheckpointNotFoundError(f"'{p}' is a directory but has no config.json: not a save_pretrained checkpoint")
-        return str(p), True
-    looks_local = name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
-    if looks_local or p.exists():
-        raise CheckpointNotFoundError(f"checkpoint directory not found: {name}")
-    # A hub id: prefer the local cache, go online only if the hub answers.
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(name, "config.json")
-        if isinstance(cached, str):
-            return name, True
-    except Exception:  # pragma: no cover - cache probing is best effort
-        pass
-    if not _hub_reachable():
-        raise CheckpointNotFoundError(_offline_message(name))
-    return name, False
-
-
 class ClipBackbone(nn.Module):
     """Frozen CLIP: batched image/text encoding plus the checkpoint's own preprocessing.
 
@@ -137,14 +81,15 @@ class ClipBackbone(nn.Module):
     :meth:`unfreeze`. Text embeddings are memoized (phrases repeat across predictions).
     """
 
-    def __init__(self, model: nn.Module, processor, name: str = "", text_cache_size: int = 4096):
+    def __init__(self, model: nn.Module, processor, name: str = "", text_cache_size: int = 4096, frozen: bool = True):
         super().__init__()
         self.model = model
         self.processor = processor
         self.name = name
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
-        self.freeze()
+        if frozen:  # ``frozen=False`` wraps a model being trained (e.g. to validate it) as it is
+            self.freeze()
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -159,7 +104,7 @@ class ClipBackbone(nn.Module):
             processor = CLIPProcessor.from_pretrained(path, local_files_only=local_only)
         except OSError as e:
             if local_only and not Path(path).is_dir():
-                raise CheckpointNotFoundError(_offline_message(str(name_or_path))) from None
+                raise CheckpointNotFoundError(offline_message(str(name_or_path))) from None
             raise CheckpointNotFoundError(f"cannot load CLIP checkpoint '{name_or_path}': {str(e).splitlines()[0]}") from None
         return cls(model.to(device), processor, name=str(name_or_path))
 
@@ -179,6 +124,45 @@ class ClipBackbone(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(True)
         return self
+
+    def unfreeze_blocks(self, vision_blocks: int, text_blocks: int, projections: bool = True,
+                        logit_scale: bool = False) -> list[str]:
+        """Make the top encoder blocks trainable; returns the parameter names (relative to ``model``).
+
+        ``vision_blocks``/``text_blocks`` count blocks from the top; ``-1`` means all blocks plus
+        the embeddings. LayerNorms always stay frozen (fine-tuning them is the usual way CLIP
+        collapses), as does ``logit_scale`` unless asked for.
+        """
+        m = self.model
+        self.freeze()
+        chosen: list[str] = []
+
+        def pick(prefix: str, tower: nn.Module, n: int) -> None:
+            layers = tower.encoder.layers
+            idx = range(len(layers)) if n < 0 else range(max(0, len(layers) - n), len(layers))
+            for i in idx:
+                for name, p in layers[i].named_parameters():
+                    if not _is_norm(name):
+                        p.requires_grad_(True)
+                        chosen.append(f"{prefix}.encoder.layers.{i}.{name}")
+            if n < 0:
+                for name, p in tower.embeddings.named_parameters():
+                    p.requires_grad_(True)
+                    chosen.append(f"{prefix}.embeddings.{name}")
+
+        if vision_blocks:
+            pick("vision_model", m.vision_model, vision_blocks)
+        if text_blocks:
+            pick("text_model", m.text_model, text_blocks)
+        if projections and (vision_blocks or text_blocks):
+            for proj in ("visual_projection", "text_projection"):
+                for name, p in getattr(m, proj).named_parameters():
+                    p.requires_grad_(True)
+                    chosen.append(f"{proj}.{name}")
+        if logit_scale:
+            m.logit_scale.requires_grad_(True)
+            chosen.append("logit_scale")
+        return chosen
 
     @property
     def device(self) -> torch.device:
@@ -314,6 +298,10 @@ class ClipBackbone(nn.Module):
             ids = self.tokenize(texts[i : i + batch_size])["input_ids"]
             out[i : i + len(ids), : ids.shape[1]] = emb(ids).float().cpu()[:, :width]
         return out
+
+    def clear_text_cache(self) -> None:
+        """Forget memoized text embeddings (after the text tower's weights changed)."""
+        self._text_cache.clear()
 
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalized text embeddings ``(N, D)``, memoized per phrase (LRU)."""

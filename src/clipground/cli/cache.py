@@ -20,8 +20,13 @@ def build(
     backbone: str = typer.Option("clipground/world-clip", "--backbone", "-b", help="CLIP checkpoint (hub id, directory, bundled name)."),
     proposals: str = typer.Option("selective-search", "--proposals", "-p", help="Proposal source: selective-search, torchvision, gt:INSTANCES.json, file:PROPOSALS.jsonl."),
     out: str = typer.Option(..., "--out", help="Cache directory (resumed if it holds an unfinished build of the same inputs)."),
-    views: str = typer.Option("crop,blur", "--views", help="Proposal views to embed (comma-separated: crop, blur, circle)."),
-    patches: bool = typer.Option(False, "--patches", help="Also store whole-image patch embeddings."),
+    kind: str = typer.Option("regions", "--kind", help="regions (proposal views, for the proposal scorers) or dense (patch tokens, for the fusion regressor and locator)."),
+    views: str = typer.Option("crop,blur", "--views", help="regions: proposal views to embed (comma-separated: crop, blur, circle)."),
+    patches: bool = typer.Option(False, "--patches", help="regions: also store whole-image patch embeddings."),
+    tiles: int = typer.Option(1, "--tiles", help="dense: also encode TxT tiles for a T-times finer patch grid."),
+    input_size: int = typer.Option(0, "--input-size", help="dense: encode the whole image at this side (0: the checkpoint's own)."),
+    dense: str = typer.Option("final", "--dense", help="dense: patch embeddings, final or value (MaskCLIP value path)."),
+    prompt: str = typer.Option("{}", "--prompt", help="Template the expressions are put in before text encoding."),
     noun_phrases: bool = typer.Option(True, "--noun-phrases/--no-noun-phrases", help="Also embed each expression's subject/object noun phrases (what `clipground train` caches)."),
     shard_size: int = typer.Option(64, "--shard-size", help="Images per shard (the unit of resumption)."),
     split: str | None = typer.Option(None, "--split", help="Keep only records of this split."),
@@ -59,14 +64,16 @@ def build(
         from ..errors import BadAnnotationError
 
         raise BadAnnotationError(f"no usable records in {data}: nothing to cache")
-    bb = ClipBackbone.from_pretrained(backbone)
-    spec = CacheSpec(views=tuple(v.strip() for v in views.split(",") if v.strip()), patches=patches, shard_size=shard_size,
+    spec = CacheSpec(kind=kind, views=tuple(v.strip() for v in views.split(",") if v.strip()), patches=patches,
+                     tiles=tiles, input_size=input_size, dense=dense, prompt=prompt, shard_size=shard_size,
                      noun_phrases=noun_phrases)
+    bb = ClipBackbone.from_pretrained(backbone)
     existed = (Path(out) / "index.json").is_file()
-    cache = FeatureCache.build(out, records, bb, get_proposals(proposals), spec, rebuild=rebuild)
+    cache = FeatureCache.build(out, records, bb, get_proposals(proposals) if kind == "regions" else None, spec,
+                               rebuild=rebuild)
     s = cache.summary()
     verb = "resumed/reused" if existed else "built"
-    console.print(f"{verb} feature cache {out}: {s['images']} images, {s['texts']} expressions"
+    console.print(f"{verb} {s['kind']} feature cache {out}: {s['images']} images, {s['texts']} expressions"
                   + (f" ({s['skipped_texts']} too long for the text encoder, skipped)" if s["skipped_texts"] else "")
                   + f", {s['bytes'] / 1e6:.1f} MB, fingerprint {s['fingerprint'][:16]}")
 

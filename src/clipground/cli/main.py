@@ -25,12 +25,12 @@ app = typer.Typer(
 # Subcommand modules; each defines register(app: typer.Typer) -> None.
 _COMMAND_MODULES = [
     "clipground.cli.predict",
-    "clipground.cli.train_methods",
+    "clipground.cli.train",
     "clipground.cli.evaluate",
     "clipground.cli.demo",
     "clipground.cli.world",
     "clipground.cli.cache",
-    "clipground.cli.train",
+    "clipground.cli.pretrain",
 ]
 
 for _name in _COMMAND_MODULES:

@@ -1,51 +1,36 @@
-"""``clipground pretrain``: pretrain the small world CLIP (see :mod:`clipground.training.pretrain`)."""
+"""``clipground train --method NAME``: train any method that has a recipe."""
 
 from __future__ import annotations
 
-import shlex
-import sys
-from pathlib import Path
-
 import typer
+from rich.console import Console
+
+from .common import quiet_transformers
 
 
-def pretrain(
-    world: str = typer.Option(..., "--world", help="Synthetic world directory (generated if it does not exist)."),
-    out: str = typer.Option(..., "--out", help="Where the final save_pretrained checkpoint is written."),
-    config: str | None = typer.Option(None, "--config", help="YAML config, e.g. configs/pretrain_world_clip.yaml."),
+def train(
+    method: str = typer.Option(..., "--method", "-m", help="Trainable method name (see `clipground methods`)."),
+    train_data: str = typer.Option(..., "--train", help="Training annotations (any format `clipground eval` reads) or a world directory."),
+    val_data: str | None = typer.Option(None, "--val", help="Validation annotations."),
+    images: str | None = typer.Option(None, "--images", help="Image root for annotation formats with bare file names."),
+    backbone: str = typer.Option("clipground/world-clip", "--backbone", "-b", help="CLIP checkpoint (hub id, directory, bundled name)."),
+    proposals: str = typer.Option("selective-search", "--proposals", "-p", help="Proposal source for proposal-based methods."),
+    out: str = typer.Option("runs/train", "--out", help="Output directory; the trained method is saved in OUT/final."),
+    config: str | None = typer.Option(None, "--config", help="YAML config of the recipe."),
+    cache: str | None = typer.Option(None, "--cache", help="Feature cache directory (built if missing)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
-    overrides: list[str] = typer.Argument(None, help="Config overrides key=value (e.g. max_steps=100 train.lr=5e-4)."),
+    overrides: list[str] = typer.Argument(None, help="Config overrides key=value."),
 ) -> None:
-    """Pretrain the small world CLIP on region-caption pairs of the world's train split.
-
-    Checkpoints, metrics.jsonl and learning_curve.png go to train.output_dir; OUT gets the
-    model, processor and RECIPE.md (load with CLIPModel/CLIPProcessor.from_pretrained).
-    Several processes: accelerate launch --multi_gpu --num_processes N -m clipground.cli.main pretrain ...
-    """
-    from rich.console import Console
-
-    from ..training.pretrain import load_pretrain_config
-    from ..training.pretrain import pretrain as run_pretrain
-    from .common import quiet_transformers
+    """Train a grounding method and save it for `Grounder.from_pretrained(OUT/final)`."""
+    from ..training.recipes import TrainArgs, get_recipe
 
     quiet_transformers()
-    cfg = load_pretrain_config(config, list(overrides or []))
-    # --resume is left out of the recorded command: a resumed run ends with the same weights.
-    argv = [a for a in sys.argv[1:] if a != "--resume"]
-    command = "clipground " + " ".join(shlex.quote(a) for a in argv) if argv else "clipground pretrain"
-    result = run_pretrain(world, out, cfg, resume=resume, command=command)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
-        return
-    con = Console(stderr=True)
-    if not result.finished:
-        con.print(f"stopped at step {result.step}/{result.total_steps}; continue with --resume")
-        raise typer.Exit(1)
-    metrics = ", ".join(f"{k}={v:.3f}" for k, v in sorted(result.last_eval.items()))
-    con.print(f"saved {Path(out)} after {result.step} steps in {result.wall_time_s / 60:.1f} min; {metrics}")
+    args = TrainArgs(method=method, train=train_data, val=val_data, images=images, backbone=backbone,
+                     proposals=proposals, out=out, config=config, overrides=list(overrides or []),
+                     resume=resume, cache=cache)
+    saved = get_recipe(method)(args)
+    Console().print(f"saved trained method to {saved}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``pretrain`` to the ``clipground`` app."""
-    app.command("pretrain")(pretrain)
+    app.command("train")(train)

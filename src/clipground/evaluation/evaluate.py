@@ -1,16 +1,24 @@
-"""Run a :class:`~clipground.grounder.Grounder` over records and score it.
+"""The one evaluator: run a :class:`~clipground.grounder.Grounder` over records and score it.
 
-Records are grouped by image so the heavy per-image work (proposals, CLIP image
-features) runs once per image and every expression of that image is one batched
-``predict_batch`` call. An image that fails to load (or a phrase the model refuses) is
-counted and reported, never a crash: its expressions are left out of the scores and the
-failure is listed in the result.
+``clipground eval``, the results table and every recipe's validation during training call
+:func:`evaluate`, so a number means the same everywhere. Records are grouped by image so
+the heavy per-image work (proposals, CLIP image features) runs once per image (or comes
+from a feature cache through ``states``) and every expression of that image is one batched
+``predict_batch`` call.
+
+Counting rule (the same everywhere):
+
+* an expression the model refuses (e.g. too long for its tokenizer) **counts as a miss**
+  (IoU 0, no box) and is listed in ``failures``: a model that cannot read a phrase has not
+  grounded it, and leaving such phrases out would flatter models with short contexts;
+* an image that fails to load leaves its expressions out of the scores (like images
+  missing from disk, which the loaders drop); it is counted and listed, never a crash.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,6 +55,7 @@ class ItemResult:
     length: str = ""
     image_id: str = ""
     ref_id: str = ""
+    refused: bool = False  # the model refused the phrase: scored as a miss, ``box`` is empty
 
     @property
     def correct(self) -> bool:
@@ -114,19 +123,23 @@ def _group_by_image(records: Sequence[GroundingRecord], batch_by_image: bool) ->
 
 
 def _item(i: int, r: GroundingRecord, pred: Any, proposals: torch.Tensor | None) -> ItemResult:
+    """The scored outcome of record ``i``; ``pred=None`` is a refused phrase (a miss)."""
     target = torch.tensor(r.box, dtype=torch.float32)
-    ranked = pred.boxes if len(pred.boxes) else torch.tensor([pred.box], dtype=torch.float32)
-    cand = M.candidate_ious(ranked[: max(M.TOP_K)], target)
-    iou = M.candidate_ious([pred.box], target)
     t = r.meta.get("type") if isinstance(r.meta, dict) else None
+    if pred is None:
+        box, score, iou, cand, fallback = [], 0.0, 0.0, [], False
+    else:
+        ranked = pred.boxes if len(pred.boxes) else torch.tensor([pred.box], dtype=torch.float32)
+        cand = [round(float(v), 6) for v in M.candidate_ious(ranked[: max(M.TOP_K)], target)]
+        box, score, fallback = [float(v) for v in pred.box], float(pred.score), bool(pred.fallback)
+        iou = float(M.candidate_ious([pred.box], target)[0])
     return ItemResult(
-        index=i, image=r.image, expression=r.expression, target=list(r.box), box=[float(v) for v in pred.box],
-        score=float(pred.score), iou=float(iou[0]), ranked_ious=[round(float(v), 6) for v in cand],
-        fallback=bool(pred.fallback),
+        index=i, image=r.image, expression=r.expression, target=list(r.box), box=box, score=score, iou=iou,
+        ranked_ious=cand, fallback=fallback,
         best_proposal_iou=M.best_iou(proposals, target) if proposals is not None else None,
         n_proposals=int(len(proposals)) if proposals is not None else None,
         split=r.split, type=str(t) if t is not None else None, spatial=is_spatial(r.expression),
-        length=M.length_bin(r.expression), image_id=r.image_id, ref_id=r.ref_id,
+        length=M.length_bin(r.expression), image_id=r.image_id, ref_id=r.ref_id, refused=pred is None,
     )
 
 
@@ -144,6 +157,7 @@ def compute_metrics(items: Sequence[ItemResult]) -> tuple[dict[str, float], dict
         m["proposal_recall@0.5"] = overall["proposal_recall@0.5"]
         m["mean_proposals"] = float(sum(it.n_proposals or 0 for it in items) / max(1, len(items)))
     m["fallback_rate"] = float(sum(it.fallback for it in items) / max(1, len(items)))
+    m["refused_rate"] = float(sum(it.refused for it in items) / max(1, len(items)))
     m["count"] = len(items)
 
     bd: dict[str, dict[str, dict[str, float]]] = {}
@@ -186,6 +200,7 @@ def evaluate(
     progress: bool = True,
     examples: int = 16,
     label: str | None = None,
+    states: Callable[[str], Any] | None = None,
 ) -> EvalResult:
     """Ground every record's expression in its image and score the boxes.
 
@@ -197,6 +212,8 @@ def evaluate(
         progress: show a tqdm bar.
         examples: how many items to pick for the examples figure.
         label: name of this run in comparison tables (default: the method name).
+        states: ``states(image) -> ImageState`` (e.g. ``FeatureCache.image_state``): the
+            image's heavy state, given to ``grounder.set_image_state`` instead of encoding it.
     """
     load = None
     if hasattr(records, "records") and hasattr(records, "dropped"):
@@ -214,7 +231,10 @@ def evaluate(
         image = records[idx[0]].image
         t1 = time.perf_counter()
         try:
-            grounder.set_image(image)
+            if states is not None:
+                grounder.set_image_state(states(image))
+            else:
+                grounder.set_image(image)
         except ClipgroundError as e:
             failures.append({"image": image, "error": str(e), "items": len(idx)})
             bar.update(len(idx))
@@ -229,17 +249,17 @@ def evaluate(
             chunk = idx[s:s + BATCH]
             try:
                 preds = grounder.predict_batch([records[i].expression for i in chunk])
-            except ClipgroundError:  # isolate the phrase(s) the model refuses
+            except ClipgroundError:  # isolate the phrase(s) the model refuses: each is a miss
                 preds = []
                 for i in chunk:
                     try:
                         preds.append(grounder.predict_batch([records[i].expression])[0])
                     except ClipgroundError as e:
                         preds.append(None)
-                        failures.append({"image": image, "expression": records[i].expression, "error": str(e), "items": 1})
+                        failures.append({"image": image, "expression": records[i].expression, "error": str(e),
+                                         "items": 1, "scored_as": "miss"})
             for i, p in zip(chunk, preds):
-                if p is not None:
-                    items.append(_item(i, records[i], p, props))
+                items.append(_item(i, records[i], p, props))
         t_predict += time.perf_counter() - t2
         bar.update(len(idx))
     bar.close()
@@ -255,16 +275,17 @@ def evaluate(
         "proposals": props_cfg,
         "iou_threshold": 0.5,
         "hit_criterion": "IoU >= 0.5 (IoU, not GIoU)",
+        "refused_phrases": "scored as misses",
         "p_at_k": list(M.TOP_K),
         "batch_by_image": batch_by_image,
     }
     if load is not None:
         protocol["dataset"] = load.to_json()
-    failed_items = sum(f["items"] for f in failures)
     counts: dict[str, Any] = {
         "records": len(records),
         "scored": len(items),
-        "failed_items": failed_items,
+        "refused": sum(it.refused for it in items),
+        "failed_items": sum(f["items"] for f in failures if "expression" not in f),
         "failed_images": sum(1 for f in failures if "expression" not in f),
         "images": n_images,
         "splits": sorted({r.split for r in records}),

@@ -10,19 +10,19 @@
 :func:`comparison_markdown` and :func:`plot_comparison` put several results side by side
 (method x split x type), e.g. for the README results table.
 
-Every file is written atomically (temp file + ``os.replace``).
+Every file is written atomically (:mod:`clipground.io`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write, save_figure
 from .evaluate import EvalResult, item_to_json
 
 #: Display names, in display order (Acc@0.5 first: the field's headline number).
@@ -36,9 +36,10 @@ METRIC_NAMES = {
     "proposal_recall@0.5": "proposal recall@0.5 (upper bound)",
     "mean_proposals": "proposals per image",
     "fallback_rate": "no-candidate fallbacks",
+    "refused_rate": "refused phrases (scored as misses)",
     "count": "expressions scored",
 }
-_RATES = {"acc@0.5", "acc@0.75", "p@1", "p@5", "p@10", "proposal_recall@0.5", "fallback_rate"}
+_RATES = {"acc@0.5", "acc@0.75", "p@1", "p@5", "p@10", "proposal_recall@0.5", "fallback_rate", "refused_rate"}
 BREAKDOWN_TITLES = {"length": "by expression length (words)", "spatial": "spatial vs non-spatial",
                     "type": "by expression type", "split": "by split", "split_type": "by split and type"}
 
@@ -91,7 +92,8 @@ def describe_protocol(result: EvalResult) -> list[str]:
                      f"kept {ds.get('kept')} items, dropped {ds.get('dropped')} whose image is missing"
                      + (f", {ds['invalid']} invalid" if ds.get("invalid") else ""))
     lines.append(f"scored {c.get('scored', 0)} expressions on {c.get('images', 0)} images"
-                 + (f"; {c['failed_items']} expressions on failed images/phrases not scored"
+                 + (f"; {c['refused']} phrases the model refused, scored as misses" if c.get("refused") else "")
+                 + (f"; {c['failed_items']} expressions on images that failed to load, not scored"
                     if c.get("failed_items") else ""))
     return lines
 
@@ -113,32 +115,12 @@ def metrics_markdown(result: EvalResult) -> str:
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------- atomic writers
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
+# --------------------------------------------------------------------------- files
 def _save_fig(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
-        _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        save_figure(fig, path, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
 
@@ -212,9 +194,11 @@ def plot_examples(result: EvalResult, path: str | os.PathLike, max_side: int = 3
         img, scale = cache[it.image]
         ax.imshow(img)
         for box, color in ((it.target, GT_COLOR), (it.box, PRED_COLOR)):
+            if not box:  # a refused phrase has no predicted box
+                continue
             x1, y1, x2, y2 = (v * scale for v in box)
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, edgecolor=[c / 255 for c in color]))
-        verdict = "correct" if it.correct else "wrong"
+        verdict = "refused" if it.refused else "correct" if it.correct else "wrong"
         title = textwrap.shorten(it.expression, 70, placeholder="...")
         ax.set_title("\n".join(textwrap.wrap(f"[{verdict}, IoU {it.iou:.2f}] {title}", 34)), fontsize=7,
                      color="#1a7f37" if it.correct else "#c0392b")
@@ -231,11 +215,11 @@ def write_report(result: EvalResult, out_dir: str | os.PathLike, *, plots: bool 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"metrics.json": out / "metrics.json", "metrics.md": out / "metrics.md"}
-    _write_text(files["metrics.json"], json.dumps(result.to_json(), indent=2, sort_keys=False) + "\n")
-    _write_text(files["metrics.md"], metrics_markdown(result) + "\n")
+    atomic_write(files["metrics.json"], json.dumps(result.to_json(), indent=2, sort_keys=False) + "\n")
+    atomic_write(files["metrics.md"], metrics_markdown(result) + "\n")
     if result.items:
         files["predictions.jsonl"] = out / "predictions.jsonl"
-        _write_text(files["predictions.jsonl"], "".join(json.dumps(item_to_json(it)) + "\n" for it in result.items))
+        atomic_write(files["predictions.jsonl"], "".join(json.dumps(item_to_json(it)) + "\n" for it in result.items))
     if plots:
         files["metrics.png"] = plot_metrics(result, out / "metrics.png")
         ex = plot_examples(result, out / "examples.png")

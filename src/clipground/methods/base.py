@@ -3,8 +3,13 @@
 A method is split like SAM's predictor: :meth:`GroundingMethod.encode_image` does the
 heavy per-image work once (crops, CLIP image features, proposal features) and stores it
 in an :class:`ImageState`; :meth:`GroundingMethod.rank` is the cheap per-phrase call that
-returns candidate boxes ranked by score. Methods get CLIP features only through the
-shared :class:`~clipground.backbone.ClipBackbone`; none re-implements CLIP plumbing.
+returns candidate boxes ranked by score, and batches its own text encoding. Methods get
+CLIP features only through :mod:`clipground.backbone` (the model, its views and
+:mod:`~clipground.backbone.features`); none re-implements CLIP plumbing, and none imports
+from another method.
+
+A trainable method names its recipe (a module of :mod:`clipground.training.recipes`) on
+the class, so ``trainable`` and the recipe cannot drift apart.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ class ImageState:
     key: str | None = None
     proposals: Proposals | None = None
     features: dict[str, Any] = field(default_factory=dict)
+    #: What produced ``features`` (:meth:`GroundingMethod.feature_key`), so a state is only
+    #: handed to a method that reads the same features.
+    feature_key: dict[str, Any] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -66,7 +74,8 @@ class GroundingMethod(nn.Module):
         name: registry name (``clipground methods`` lists them).
         Config: the method's :class:`MethodConfig` subclass.
         uses_proposals: whether :class:`~clipground.Grounder` must run a proposal source.
-        trainable: whether ``clipground train`` can fit it.
+        recipe: module of :mod:`clipground.training.recipes` that trains it (``None``: not trainable).
+        trainable: derived from ``recipe``.
         saves_backbone: whether a saved method must include the (fine-tuned) backbone.
         inference_options: config fields that only change inference, so a trained method
             loaded by ``Grounder.from_pretrained(dir, options=...)`` may override them.
@@ -75,14 +84,24 @@ class GroundingMethod(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     uses_proposals: ClassVar[bool] = True
+    recipe: ClassVar[str | None] = None
     trainable: ClassVar[bool] = False
     saves_backbone: ClassVar[bool] = False
     inference_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.trainable = cls.recipe is not None
 
     def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None):
         super().__init__()
         self.backbone = backbone
         self.config = config if config is not None else self.Config()
+
+    def feature_key(self) -> dict[str, Any]:
+        """What :meth:`encode_image` computes (kind, options, backbone name): states with another
+        key are refused by :meth:`~clipground.Grounder.set_image_state`."""
+        return {"kind": self.name, "config": self.config.to_dict(), "backbone": self.backbone.name}
 
     def encode_image(self, state: ImageState) -> None:
         """Heavy per-image work; store results in ``state.features``."""

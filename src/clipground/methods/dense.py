@@ -15,8 +15,8 @@
     Everything is differentiable, so the box loss also shapes the map. Trained with map
     loss (BCE + Dice against the target box rasterized with exact area coverage, or the
     record's mask) at both resolutions plus box loss (Smooth L1 + GIoU); see
-    :mod:`clipground.training.recipes.dense`. Same padded-square geometry as
-    :mod:`clipground.methods.regression`.
+    :mod:`clipground.training.recipes.locator`. Same padded-square geometry as the fusion
+    regressor (:mod:`clipground.backbone.geometry`).
 
 ``heatmap-segment`` (zero-shot, detector-free):
     A phrase heatmap (:mod:`clipground.heatmaps`: CLIP patch-text similarity, CLIP
@@ -35,10 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import ClipBackbone
-from ..heatmaps import InputGeometry, make_heatmap_source
+from ..backbone.features import (DenseView, dense_feature_key, dense_features, encode_phrases, patch_grid,
+                                 patch_text_similarity, select_image)
+from ..backbone.geometry import InputGeometry
+from ..errors import ConfigError
+from ..heatmaps import make_heatmap_source
 from ..segmenters import box_from_heatmap, make_segmenter
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
-from .regression import dense_input, encode_phrases, encode_square_image, patch_grid, patch_text_similarity
 
 # --------------------------------------------------------------------------- locator
 
@@ -131,7 +134,7 @@ class LocatorNet(nn.Module):
                  grid: tuple[int, int]):
         super().__init__()
         if cfg.upsample < 1 or cfg.upsample & (cfg.upsample - 1):
-            raise ValueError(f"upsample must be a power of two, got {cfg.upsample}")
+            raise ConfigError(f"upsample must be a power of two, got {cfg.upsample}")
         d, c = cfg.dim, cfg.refiner_channels
         self.grid = grid
         self.power = cfg.moment_power
@@ -203,16 +206,19 @@ class Locator(GroundingMethod):
     name = "locator"
     Config = LocatorConfig
     uses_proposals = False
-    trainable = True
+    recipe = "locator"
 
     def __init__(self, backbone: ClipBackbone, config: LocatorConfig | None = None):
         super().__init__(backbone, config)
-        view = dense_input(self.config)
+        self.view = DenseView.of(self.config)
         self.net = LocatorNet(self.config, backbone.vision_width, backbone.text_width, backbone.embed_dim,
-                              patch_grid(backbone, view["tiles"], view["input_size"]))
+                              patch_grid(backbone, self.view))
+
+    def feature_key(self) -> dict[str, Any]:
+        return dense_feature_key(self.backbone, self.view)
 
     def encode_image(self, state: ImageState) -> None:
-        state.features.update(encode_square_image(self.backbone, state.image, **dense_input(self.config)))
+        state.features.update(select_image(dense_features(self.backbone, [state.image], self.view), 0))
 
     def forward_phrases(self, state: ImageState, phrases: list[str]) -> LocatorOutput:
         """Network outputs for phrases in the encoded image (maps in model-input coordinates)."""
@@ -281,13 +287,12 @@ class HeatmapSegment(GroundingMethod):
     name = "heatmap-segment"
     Config = HeatmapSegmentConfig
     uses_proposals = False
-    trainable = False
 
     def __init__(self, backbone: ClipBackbone, config: HeatmapSegmentConfig | None = None):
         super().__init__(backbone, config)
         c = self.config
         if not 0.0 < c.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {c.threshold}")
+            raise ConfigError(f"threshold must be in (0, 1], got {c.threshold}")
         # Plain attributes (not submodules): BLIP/SAM weights are never part of a saved method.
         self.tools: dict[str, Any] = {
             "heatmap": make_heatmap_source(c.heatmap, backbone, blip_model=c.blip_model, blip_layer=c.blip_layer,

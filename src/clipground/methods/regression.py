@@ -27,15 +27,14 @@ similarity as a feature (``film`` / ``similarity`` options).
 With ``relations`` (inference only, needs ``peak``) a spatial phrase is answered the ReCLIP
 way: the regressor, run on the phrase's subject noun phrase, turns into a detector of that
 noun phrase (each patch's box is a candidate, its patch logit the score), and the rules of
-:mod:`clipground.relations` pick the candidate the superlative, ordinal or relation names.
-In our synthetic world the Transformer, trained on whole phrases, reads "biggest" well but
-picks between the candidates of "leftmost" at chance; the rules do not.
+:mod:`clipground.relations` pick the candidate the superlative, ordinal or relation names:
+geometric comparisons a Transformer trained on whole phrases may not learn from the data.
 
 Geometry: the image is padded right/bottom to a square with the checkpoint's mean colour
-(:func:`clipground.heatmaps.pad_to_square`) before CLIP's own preprocessing, so the
-processor's resize+centre-crop is a plain resize of the whole image; the predicted
-normalized box lives in that square and :class:`~clipground.heatmaps.InputGeometry` maps it
-back to original pixels exactly (clipped to the image).
+(:mod:`clipground.backbone.geometry`) before CLIP's own preprocessing, so the processor's
+resize+centre-crop is a plain resize of the whole image; the predicted normalized box lives
+in that square and :class:`~clipground.backbone.geometry.InputGeometry` maps it back to
+original pixels exactly (clipped to the image).
 
 Training (``clipground train --method fusion-regressor``, :mod:`clipground.training.recipes.regression`)
 caches the frozen CLIP features of every image and phrase once, so an epoch costs no
@@ -47,7 +46,6 @@ mean box for hundreds of steps before it starts to match phrases to patches.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,164 +54,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import ClipBackbone, TextFeatures
-from ..backbone.clip import DENSE_EMBEDS
+from ..backbone.features import (DenseView, dense_feature_key, dense_features, encode_phrases, grid_shape,
+                                 patch_grid, patch_text_similarity, select_image)
+from ..backbone.geometry import InputGeometry
 from ..errors import ClipgroundError
-from ..heatmaps import InputGeometry, clip_square_input, crop_fraction
 from ..mirror import check_kinds, flip_box, flip_expression, flip_image, vote_boxes
 from ..relations import ParsedExpression, parse, resolve
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
-
-
-def dense_input(cfg: Any) -> dict[str, Any]:
-    """The image-token options of a dense method's config (``tiles``, ``input_size``, ``dense``),
-    as keyword arguments of :func:`encode_square_images` and the feature cache."""
-    return dense_view(cfg.tiles, cfg.input_size, cfg.dense)
-
-
-def dense_view(tiles: int = 1, input_size: int = 0, dense: str = "final") -> dict[str, Any]:
-    """Image-token options checked and normalized (the form the feature cache records)."""
-    view = {"tiles": max(int(tiles), 1), "input_size": int(input_size), "dense": str(dense)}
-    if view["input_size"] < 0:
-        raise ClipgroundError(f"input_size must be >= 0 (0 = the checkpoint's own), got {view['input_size']}")
-    if view["input_size"] and view["tiles"] > 1:
-        raise ClipgroundError("use either tiles > 1 or input_size, not both")
-    if view["dense"] not in DENSE_EMBEDS:
-        raise ClipgroundError(f"dense must be one of {', '.join(DENSE_EMBEDS)}, got {view['dense']!r}")
-    return view
-
-
-def square_views(backbone: ClipBackbone, image: Any, tiles: int = 1, input_size: int = 0
-                 ) -> tuple[list[Any], InputGeometry]:
-    """The padded square and, with ``tiles > 1``, its ``tiles x tiles`` tiles (row-major).
-
-    Each tile is cut so that what the processor keeps after its centre crop is exactly the
-    tile (enlarged by ``1 / crop_fraction`` around the tile centre, padded with the mean
-    colour), so the tiles' patch grids abut into one ``tiles``-times finer grid. With
-    ``input_size`` the square is resized whole (no crop), so its geometry keeps all of it.
-    """
-    from PIL import Image
-
-    sq, geom = clip_square_input(backbone, image, whole=bool(input_size))
-    if tiles <= 1 or input_size:
-        return [sq], geom
-    side = sq.size[0]
-    frac = crop_fraction(backbone.processor.image_processor)
-    half = side / tiles / 2 / frac
-    fill = tuple(int(round(255 * c)) for c in (getattr(backbone.processor.image_processor, "image_mean", None)
-                                                 or (0.5, 0.5, 0.5)))
-    m = int(half) + 2
-    canvas = Image.new("RGB", (side + 2 * m, side + 2 * m), fill)
-    canvas.paste(sq, (m, m))
-    views = [sq]
-    for i in range(tiles):
-        for j in range(tiles):
-            cx, cy = (j + 0.5) * side / tiles + m, (i + 0.5) * side / tiles + m
-            views.append(canvas.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half))))
-    return views, geom
-
-
-def encode_square_images(backbone: ClipBackbone, images: Sequence[Any], tiles: int = 1, input_size: int = 0,
-                         dense: str = "final") -> dict[str, Any]:
-    """Frozen CLIP features of padded-square images for the dense methods (one pass per view).
-
-    Finer patch grids than the checkpoint's own, for small objects:
-
-    - ``tiles = t > 1``: each image is also cut into ``t x t`` tiles encoded at the
-      checkpoint's native resolution; their patch tokens are re-assembled into one
-      ``(t*h) x (t*w)`` grid (row-major). ``img_embed`` is always the whole image's.
-    - ``input_size = S``: the whole square is encoded at ``S x S`` pixels with interpolated
-      position embeddings (a ``S / patch``-wide grid, each patch seeing its neighbours).
-
-    ``dense`` chooses the joint-space patch embeddings (see :meth:`ClipBackbone.forward_image`).
-
-    Returns ``{"img_embed": (N, D), "patches": (N, P, Dv), "patch_embeds": (N, P, D),
-    "grid": (H, W), "geometry": [InputGeometry] * N}``.
-    """
-    views, geoms = [], []
-    for im in images:
-        v, g = square_views(backbone, im, tiles, input_size)
-        views += v
-        geoms.append(g)
-    f = backbone.encode_images(views, size=input_size or None, dense=dense)
-    n, per = len(images), len(views) // max(len(images), 1)
-    gh, gw = f.grid
-
-    def assemble(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(n, per, *x.shape[1:])
-        if tiles <= 1 or input_size:
-            return x[:, 0]
-        t = x[:, 1:].reshape(n, tiles, tiles, gh, gw, -1).permute(0, 1, 3, 2, 4, 5)
-        return t.reshape(n, tiles * gh * tiles * gw, -1)
-
-    k = 1 if input_size else max(tiles, 1)
-    return {"img_embed": f.embeds.reshape(n, per, -1)[:, 0], "patches": assemble(f.patch_tokens),
-            "patch_embeds": assemble(f.patch_embeds), "grid": (gh * k, gw * k), "geometry": geoms}
-
-
-def encode_square_image(backbone: ClipBackbone, image: Any, tiles: int = 1, input_size: int = 0,
-                        dense: str = "final") -> dict[str, Any]:
-    """:func:`encode_square_images` for one image, unbatched: ``img_embed (D,)``, ``patches (P, Dv)``, ..."""
-    return image_features(encode_square_images(backbone, [image], tiles, input_size, dense), 0)
-
-
-def image_features(f: dict[str, Any], i: int) -> dict[str, Any]:
-    """Image ``i`` of a batch from :func:`encode_square_images` (the shared ``grid`` kept as is)."""
-    return {k: v if k == "grid" else v[i] for k, v in f.items()}
-
-
-def patch_text_similarity(patch_embeds: torch.Tensor, txt_embed: torch.Tensor) -> torch.Tensor:
-    """Per-patch CLIP similarity to the phrase, raw and standardized over the image: ``(B, P, 2)``.
-
-    The cosine of each projected patch with the phrase embedding is CLIP's own dense
-    phrase-conditioned signal; handing it to the fusion as a feature lets training start
-    from "where CLIP thinks the phrase is" instead of discovering cross-modal matching alone.
-    """
-    sim = torch.einsum("bpd,bd->bp", F.normalize(patch_embeds.float(), dim=-1), F.normalize(txt_embed.float(), dim=-1))
-    z = (sim - sim.mean(1, keepdim=True)) / (sim.std(1, keepdim=True) + 1e-4)
-    return torch.stack([sim, z], -1)
-
-
-def encode_phrases(backbone: ClipBackbone, phrases: list[str], prompt: str = "{}") -> TextFeatures:
-    """Frozen CLIP text features (pooled embedding, token states, mask) of the prompted phrases."""
-    return backbone.encode_texts([prompt.format(p) for p in phrases])
-
-
-def grid_shape(num_patches: int) -> tuple[int, int]:
-    """``(h, w)`` of a row-major patch grid of ``num_patches`` cells (square when it can be)."""
-    side = int(round(num_patches ** 0.5))
-    return (side, side) if side * side == num_patches else (1, num_patches)
-
-
-def patch_grid(backbone: ClipBackbone, tiles: int = 1, input_size: int = 0) -> tuple[int, int]:
-    """``(h, w)`` of the patch grid :func:`encode_square_images` gives, from the backbone's config."""
-    vc = backbone.model.config.vision_config
-    if input_size:
-        return int(input_size) // int(vc.patch_size), int(input_size) // int(vc.patch_size)
-    side = int(vc.image_size) // int(vc.patch_size) * max(tiles, 1)
-    return side, side
 
 
 def cxcywh_to_xyxy(raw: torch.Tensor) -> torch.Tensor:
     """Unbounded ``(..., 4)`` logits -> sigmoid ``(cx, cy, w, h)`` -> ``xyxy`` (min < max always)."""
     cx, cy, w, h = raw.sigmoid().unbind(-1)
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
-
-def box_losses(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smooth L1 and GIoU loss of normalized ``xyxy`` boxes ``(..., 4)``.
-
-    Plain means without ``weights``; with ``weights`` (the boxes' leading shape, e.g. ``(B, P)``
-    summing to 1 over the last axis) each row's weighted sum, averaged over rows.
-    """
-    from torchvision.ops import generalized_box_iou_loss
-
-    if weights is None:
-        return (F.smooth_l1_loss(pred, target, beta=0.05, reduction="mean"),
-                generalized_box_iou_loss(pred, target, reduction="mean"))
-    l1 = F.smooth_l1_loss(pred, target, beta=0.05, reduction="none").mean(-1)
-    giou = generalized_box_iou_loss(pred.reshape(-1, 4), target.reshape(-1, 4), reduction="none").view(weights.shape)
-    return (l1 * weights).sum(-1).mean(), (giou * weights).sum(-1).mean()
 
 
 @dataclass
@@ -236,7 +89,7 @@ class FusionRegressorConfig(MethodConfig):
             "box at the peak"; the recipe trains each patch's box on the patches the target
             covers). Precise where a soft-argmax centre would be pulled towards the middle.
         tiles: also encode the image as ``tiles x tiles`` tiles for a finer patch grid
-            (see :func:`encode_square_images`); 1 = the whole image only.
+            (see :class:`~clipground.backbone.features.DenseView`); 1 = the whole image only.
         input_size: encode the whole image at this side in pixels, with interpolated position
             embeddings, for a finer patch grid (0 = the checkpoint's own size).
         dense: joint-space patch embeddings for the similarity feature: ``"final"`` (last-layer
@@ -418,24 +271,28 @@ class FusionRegressor(GroundingMethod):
     name = "fusion-regressor"
     Config = FusionRegressorConfig
     uses_proposals = False
-    trainable = True
+    recipe = "regression"
     inference_options = ("tta", "relations")
 
     def __init__(self, backbone: ClipBackbone, config: FusionRegressorConfig | None = None):
         super().__init__(backbone, config)
         if self.config.relations and not self.config.peak:
             raise ClipgroundError("relations=True needs a peak model (its per-patch boxes are the candidates)")
-        view = dense_input(self.config)
+        self.view = DenseView.of(self.config)
         self.mirrors = [""] + check_kinds(self.config.tta)
-        gh, gw = patch_grid(backbone, view["tiles"], view["input_size"])
+        gh, gw = patch_grid(backbone, self.view)
         self.fusion = FusionHead(self.config, backbone.vision_width, backbone.text_width, backbone.embed_dim,
                                  gh * gw, backbone.max_text_tokens)
 
+    def feature_key(self) -> dict[str, Any]:
+        return dense_feature_key(self.backbone, self.view, self.mirrors[1:])
+
     def encode_image(self, state: ImageState) -> None:
         # The image and its mirrors (``tta``) in one backbone pass.
-        f = encode_square_images(self.backbone, [flip_image(state.image, k) for k in self.mirrors],
-                                 **dense_input(self.config))
-        state.features["views"] = {k: image_features(f, i) for i, k in enumerate(self.mirrors)}
+        f = dense_features(self.backbone, [flip_image(state.image, k) for k in self.mirrors], self.view)
+        state.features.update(select_image(f, 0))
+        if len(self.mirrors) > 1:
+            state.features["mirrors"] = {k: select_image(f, i) for i, k in enumerate(self.mirrors) if k}
 
     def _boxes(self, f: dict[str, Any], text: TextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel boxes ``(n, 4)`` and scores ``(n,)`` of one view's features for ``n`` phrases."""
@@ -470,7 +327,7 @@ class FusionRegressor(GroundingMethod):
     def rank(self, state: ImageState, phrases: list[str]) -> list[Ranking]:
         if not phrases:
             return []
-        views = state.features["views"]
+        views = {"": state.features, **state.features.get("mirrors", {})}
         w, h = state.size
         # Every distinct phrase of every view through the text tower once (most phrases have
         # no word a mirror swaps, so their views share one text).

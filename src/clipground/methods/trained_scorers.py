@@ -1,10 +1,9 @@
 """Trained proposal scorers: four ways to learn "which proposal does this phrase mean".
 
 All four rank the proposals of one image, like the zero-shot scorer, and see images only
-through the shared :class:`~clipground.backbone.ClipBackbone` (views from
-:mod:`clipground.imageops`, features from :func:`clipground.cache.image_features`, the
-same function that fills the feature cache, so cached training and live inference see
-identical numbers).
+through :mod:`clipground.backbone` (views from :mod:`clipground.backbone.views`, features
+from :func:`clipground.backbone.features.region_features`, the same function that fills the
+feature cache, so cached training and live inference see identical numbers).
 
 * ``proposal-classifier``: an MLP on frozen CLIP features of each proposal (crop and blur
   view embeddings, their products with the phrase embedding and their cosines), the
@@ -41,11 +40,12 @@ import torch
 from torch import nn
 
 from ..backbone import ClipBackbone
-from ..cache import image_features
-from ..imageops import VIEW_KINDS
-from ..relations import parse
+from ..backbone.features import region_feature_key, region_features
+from ..backbone.views import check_view_kinds
+from ..errors import ConfigError
+from ..relations import parse, score_expression
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
-from .zero_shot import ZeroShotConfig, ZeroShotScorer, zero_shot_scores
+from .view_scoring import ViewScorer, ViewScorerConfig
 
 #: Columns of :func:`box_geometry`.
 GEOMETRY_DIM = 7
@@ -72,7 +72,7 @@ def noun_phrases(expression: str) -> tuple[str, str | None]:
 
 def resolver_prior(expression: str, views: torch.Tensor, geom: torch.Tensor, text: torch.Tensor,
                    nps: torch.Tensor, np_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``(K,)`` the zero-shot scorer's answer for one phrase (:func:`~.zero_shot.zero_shot_scores`),
+    """``(K,)`` the zero-shot scorer's answer for one phrase (:func:`~clipground.relations.score_expression`),
     scaled to a maximum of 1.
 
     Computed from the frozen features a scorer already has (view embeddings ``(K, V, D)``,
@@ -88,16 +88,10 @@ def resolver_prior(expression: str, views: torch.Tensor, geom: torch.Tensor, tex
     def sim(t: str) -> torch.Tensor:
         return torch.einsum("kvd,d->k", views, by_text.get(t, text)) / views.shape[1]
 
-    s, resolved = zero_shot_scores(expression, geom[:, :4], (1.0, 1.0), sim, temperature, size_words=False)
+    s, resolved = score_expression(expression, geom[:, :4], (1.0, 1.0), sim, temperature, size_words=False)
     if resolved:
         return s / s.max().clamp(min=1e-12)
     return torch.exp(temperature * (s - s.max()))
-
-
-def _check_views(views: Sequence[str]) -> None:
-    bad = set(views) - set(VIEW_KINDS)
-    if bad or not views or len(set(views)) != len(views):
-        raise ValueError(f"views must be distinct kinds from {VIEW_KINDS}, got {list(views)}")
 
 
 # --------------------------------------------------------------------------- batches
@@ -147,26 +141,23 @@ def collate_feature_items(items: Sequence[dict[str, torch.Tensor]]) -> dict[str,
     return out
 
 
-def multi_positive_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy with several positives: ``-log sum_{pos} softmax(logits)``, per row."""
-    logits = logits.masked_fill(~mask, _NEG)
-    pos = logits.masked_fill(~(labels > 0) | ~mask, _NEG)
-    return torch.logsumexp(logits, dim=-1) - torch.logsumexp(pos, dim=-1)
-
-
 # --------------------------------------------------------------------------- frozen-feature base
+
 
 
 class _FrozenFeatureScorer(GroundingMethod):
     """Shared plumbing of methods that score frozen CLIP features of proposals."""
 
     uses_proposals = True
-    trainable = True
+    recipe = "scorers"
     saves_backbone = False
     needs_tokens = False
 
+    def feature_key(self) -> dict[str, Any]:
+        return region_feature_key(self.backbone, self.config.views)
+
     def encode_image(self, state: ImageState) -> None:
-        state.features.update(image_features(self.backbone, state.image, state.proposals.boxes, self.config.views))
+        state.features.update(region_features(self.backbone, state.image, state.proposals.boxes, self.config.views))
 
     def feature_items(self, state: ImageState, phrases: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         """Per-phrase feature dicts of the current image (the inputs of :meth:`forward`)."""
@@ -263,7 +254,7 @@ class ProposalClassifier(_FrozenFeatureScorer):
     def __init__(self, backbone: ClipBackbone, config: ProposalClassifierConfig | None = None):
         super().__init__(backbone, config)
         c = self.config
-        _check_views(c.views)
+        check_view_kinds(c.views)
         v, d = len(c.views), backbone.embed_dim
         in_dim = v * d + GEOMETRY_DIM + d + (v * d + v if c.interactions else 0) + (2 * v + 2 if c.noun_phrases else 0)
         layers: list[nn.Module] = []
@@ -381,14 +372,14 @@ class ProposalAttention(_FrozenFeatureScorer):
     def __init__(self, backbone: ClipBackbone, config: ProposalAttentionConfig | None = None):
         super().__init__(backbone, config)
         c = self.config
-        _check_views(c.views)
+        check_view_kinds(c.views)
         self.needs_tokens = bool(c.text_tokens)
         v, d, dm = len(c.views), backbone.embed_dim, c.d_model
         prop_in = v * d + (v * d + v if c.interactions else 0) + (2 * v + 2 if c.noun_phrases else 0)
         prop_in += 6 if c.ranked_similarity else 0
         if c.resolver_prior:
             if not c.noun_phrases:
-                raise ValueError("resolver_prior needs noun_phrases=True")
+                raise ConfigError("resolver_prior needs noun_phrases=True")
             prop_in += 1
             self.prior_weight = nn.Parameter(torch.tensor(1.0))
         self.log_temp = nn.Parameter(torch.tensor(float(backbone.model.logit_scale.detach())))
@@ -473,52 +464,7 @@ class ProposalAttention(_FrozenFeatureScorer):
         return logits.masked_fill(~mask, _NEG)
 
 
-# --------------------------------------------------------------------------- unfreezing CLIP
-
-
-def _is_norm(name: str) -> bool:
-    n = name.lower()
-    return "layer_norm" in n or "layernorm" in n or ".ln_" in n or n.endswith("norm.weight") or n.endswith("norm.bias")
-
-
-def unfreeze_clip(backbone: ClipBackbone, vision_blocks: int, text_blocks: int, projections: bool = True,
-                  logit_scale: bool = False) -> list[str]:
-    """Make part of CLIP trainable; returns the names (relative to ``backbone.model``) unfrozen.
-
-    ``vision_blocks``/``text_blocks`` count encoder blocks from the top; ``-1`` means all
-    blocks plus the embeddings. LayerNorms always stay frozen (fine-tuning them is the
-    usual way CLIP collapses), as does ``logit_scale`` unless asked for.
-    """
-    m = backbone.model
-    backbone.freeze()
-    chosen: list[str] = []
-
-    def pick(prefix: str, tower: nn.Module, n: int) -> None:
-        layers = tower.encoder.layers
-        idx = range(len(layers)) if n < 0 else range(max(0, len(layers) - n), len(layers))
-        for i in idx:
-            for name, p in layers[i].named_parameters():
-                if not _is_norm(name):
-                    p.requires_grad_(True)
-                    chosen.append(f"{prefix}.encoder.layers.{i}.{name}")
-        if n < 0:
-            for name, p in tower.embeddings.named_parameters():
-                p.requires_grad_(True)
-                chosen.append(f"{prefix}.embeddings.{name}")
-
-    if vision_blocks:
-        pick("vision_model", m.vision_model, vision_blocks)
-    if text_blocks:
-        pick("text_model", m.text_model, text_blocks)
-    if projections and (vision_blocks or text_blocks):
-        for proj in ("visual_projection", "text_projection"):
-            for name, p in getattr(m, proj).named_parameters():
-                p.requires_grad_(True)
-                chosen.append(f"{proj}.{name}")
-    if logit_scale:
-        m.logit_scale.requires_grad_(True)
-        chosen.append("logit_scale")
-    return chosen
+# --------------------------------------------------------------------------- fine-tuning CLIP
 
 
 class _BackboneTuner:
@@ -528,9 +474,7 @@ class _BackboneTuner:
 
     def _after_mode_change(self) -> None:
         self.backbone.model.eval()  # no dropout in CLIP, ever: keeps fine-tuning stable
-        memo = getattr(self.backbone, "_text_cache", None)
-        if memo is not None:  # embeddings memoized before a training step are stale
-            memo.clear()
+        self.backbone.clear_text_cache()  # embeddings memoized before a training step are stale
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Head weights only: the fine-tuned backbone is saved whole under ``backbone/``."""
@@ -575,13 +519,13 @@ class ClipFinetune(_BackboneTuner, GroundingMethod):
     name = "clip-finetune"
     Config = ClipFinetuneConfig
     uses_proposals = True
-    trainable = True
+    recipe = "scorers"
     saves_backbone = True
 
     def __init__(self, backbone: ClipBackbone, config: ClipFinetuneConfig | None = None):
         super().__init__(backbone, config)
         c = self.config
-        _check_views(c.views)
+        check_view_kinds(c.views)
         d = backbone.embed_dim
         self.view_weights = nn.Parameter(torch.zeros(len(c.views)))
         self.log_scale = nn.Parameter(torch.tensor(float(backbone.model.logit_scale.detach())))
@@ -592,7 +536,7 @@ class ClipFinetune(_BackboneTuner, GroundingMethod):
 
     def setup_training(self) -> list[str]:
         """Unfreeze the configured blocks (LayerNorms and logit scale stay frozen)."""
-        return unfreeze_clip(self.backbone, self.config.vision_blocks, self.config.text_blocks)
+        return self.backbone.unfreeze_blocks(self.config.vision_blocks, self.config.text_blocks)
 
     def train(self, mode: bool = True) -> "ClipFinetune":
         super().train(mode)
@@ -620,8 +564,11 @@ class ClipFinetune(_BackboneTuner, GroundingMethod):
         text = self.embed_tokens(batch["input_ids"], batch["attention_mask"])
         return self.score(views, text, batch["geom"]).masked_fill(~batch["mask"], _NEG)
 
+    def feature_key(self) -> dict[str, Any]:
+        return region_feature_key(self.backbone, self.config.views)
+
     def encode_image(self, state: ImageState) -> None:
-        state.features.update(image_features(self.backbone, state.image, state.proposals.boxes, self.config.views))
+        state.features.update(region_features(self.backbone, state.image, state.proposals.boxes, self.config.views))
 
     def rank(self, state: ImageState, phrases: list[str]) -> list[Ranking]:
         boxes = state.proposals.boxes
@@ -641,8 +588,8 @@ class ClipFinetune(_BackboneTuner, GroundingMethod):
 
 
 @dataclass
-class FlypConfig(ZeroShotConfig):
-    """Options of :class:`Flyp`: the zero-shot options plus what to fine-tune.
+class FlypConfig(ViewScorerConfig):
+    """Options of :class:`Flyp`: the zero-shot scorer's options plus what to fine-tune.
 
     Attributes:
         vision_blocks: top vision blocks to fine-tune (-1: all, with embeddings).
@@ -656,18 +603,18 @@ class FlypConfig(ZeroShotConfig):
 
 
 @register_method
-class Flyp(_BackboneTuner, ZeroShotScorer):
+class Flyp(_BackboneTuner, ViewScorer):
     """CLIP fine-tuned with its own contrastive loss on (target crop, phrase) pairs; scores like zero-shot."""
 
     name = "flyp"
     Config = FlypConfig
-    trainable = True
+    recipe = "scorers"
     saves_backbone = True
 
     def setup_training(self) -> list[str]:
         """Unfreeze the configured blocks and (optionally) the temperature."""
-        return unfreeze_clip(self.backbone, self.config.vision_blocks, self.config.text_blocks,
-                             logit_scale=self.config.learn_temperature)
+        return self.backbone.unfreeze_blocks(self.config.vision_blocks, self.config.text_blocks,
+                                             logit_scale=self.config.learn_temperature)
 
     def train(self, mode: bool = True) -> "Flyp":
         super().train(mode)
@@ -700,6 +647,4 @@ __all__ = [
     "box_geometry",
     "collate_feature_items",
     "noun_phrases",
-    "multi_positive_ce",
-    "unfreeze_clip",
 ]

@@ -12,6 +12,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -163,8 +164,26 @@ class PrecomputedProposals(ProposalSource):
     needs_image_key = True
     path: str = ""
     nms_iou: float | None = None
+    #: In-memory boxes instead of a file (see :meth:`from_table`).
+    table: dict[str, list[list[float]]] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_table(cls, table: dict[str, list[list[float]]], **kwargs: Any) -> "PrecomputedProposals":
+        """Proposals from an in-memory ``{image path: [[x1, y1, x2, y2], ...]}`` (file order ranks)."""
+        return cls(table={k: [list(map(float, b)) for b in v] for k, v in table.items()}, **kwargs)
+
+    def config(self) -> dict[str, Any]:
+        out = super().config()
+        if out.pop("table", None) is not None:
+            out["path"] = "<in-memory table>"
+        return out
 
     def _index(self) -> _BoxIndex:
+        if self.table is not None:
+            if getattr(self, "_table_index", None) is None:
+                self._table_index = _BoxIndex({k: (v, [1.0 - i / max(1, len(v)) for i in range(len(v))])
+                                               for k, v in self.table.items()})
+            return self._table_index
         p = Path(self.path)
         key = ("file", str(p.resolve()) if p.exists() else str(p), p.stat().st_mtime if p.exists() else 0.0)
         if key in _INDEX_CACHE:

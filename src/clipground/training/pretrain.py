@@ -7,7 +7,7 @@ defaults, which are the bundled checkpoint's) trained contrastively on *region-c
 pairs from the world's train split only.
 
 The model is later used zero-shot exactly like a hub CLIP: every candidate box is shown
-as isolated views (:mod:`clipground.imageops`: ``crop``, ``blur``, ``circle``), encoded
+as isolated views (:mod:`clipground.backbone.views`: ``crop``, ``blur``, ``circle``), encoded
 through the checkpoint's own image processor, and compared by cosine similarity with the
 phrase. So training shows exactly those views, of these regions:
 
@@ -35,21 +35,26 @@ import json
 import math
 import os
 import platform
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..data.synthetic import SceneObject, WorldConfig, ensure_world, load_scene_objects, load_world_config
-from ..errors import ClipgroundError
-from ..imageops import VIEW_KINDS, blur_image, blur_view, circle_view, crop_view
-from .config import ConfigError, TrainConfig, load_config, to_dict
+from ..backbone.views import VIEW_KINDS, blur_image, render_view
+from ..errors import ClipgroundError, ConfigError
+from ..io import atomic_dir
+from ..options import to_dict
+from .config import TrainConfig
+from .recipes import LossConfig, RecipeConfig, load_recipe_config
 from .trainer import Trainer, TrainResult
+
+if TYPE_CHECKING:
+    from ..backbone import ClipBackbone
 
 REGION_KINDS = ("object", "part", "loose", "background", "pair")
 
@@ -93,34 +98,37 @@ class RegionDataConfig:
 
 @dataclass
 class EvalConfig:
-    """The quality gate computed during training (see :func:`make_eval_fn`)."""
+    """The quality gate computed during training with the one evaluator (see :func:`make_eval_fn`):
+    the zero-shot scorer (no relation rules) on the attribute expressions of ``split``, choosing
+    among the scene's ground-truth boxes."""
 
     split: str = "val"
     views: list[str] = field(default_factory=lambda: ["crop", "blur"])
     max_records: int = 120  # attribute records of the split scored per eval (0 = all)
     compositional: bool = True  # also report accuracy on the held-out colour-shape pairs
-    hard_boxes: int = 4  # per record: part/loose/pair boxes the target's tight box must beat
+    hard_boxes: int = 4  # per record: part/loose/pair boxes added to the candidates (the ``acc_hard`` gate)
     per_view: list[str] = field(default_factory=lambda: ["crop", "blur", "circle"])  # single-view accuracies
 
 
 @dataclass
-class PretrainConfig:
-    """Everything ``clipground pretrain`` needs; YAML sections ``train``, ``model``, ``data``,
-    ``world`` (a :class:`~clipground.data.synthetic.WorldConfig`, used when the world must be
-    generated) and ``eval``."""
+class PretrainConfig(RecipeConfig):
+    """Everything ``clipground pretrain`` needs: the recipe schema's ``train``, ``model``, ``data``
+    and ``loss`` sections, plus ``world`` (a world config, used when the world must be generated)
+    and ``eval``."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         output_dir="runs/pretrain_world_clip", batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50,
         max_steps=300, log_every=10, save_every=100, eval_every=50))
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     data: RegionDataConfig = field(default_factory=RegionDataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_pretrain_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:
     """YAML file (optional) + ``key=value`` overrides -> validated :class:`PretrainConfig`."""
-    cfg = load_config(PretrainConfig, path, overrides)
+    cfg = load_recipe_config(PretrainConfig, path, overrides)
     for name, weights, allowed in (("data.kind_weights", cfg.data.kind_weights, REGION_KINDS),
                                    ("data.view_weights", cfg.data.view_weights, VIEW_KINDS)):
         bad = set(weights) - set(allowed)
@@ -179,18 +187,12 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def image_embeds(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """L2-normalised image embeddings, exactly as the zero-shot code computes them."""
-    m = _unwrap(model)
-    out = m.vision_model(pixel_values=pixel_values)
-    return torch.nn.functional.normalize(m.visual_projection(out.pooler_output), dim=-1)
+def as_backbone(model: torch.nn.Module, processor: Any) -> "ClipBackbone":
+    """The model being trained seen through :class:`~clipground.backbone.ClipBackbone` (not frozen), so
+    validation computes embeddings exactly as every method does."""
+    from ..backbone import ClipBackbone
 
-
-def text_embeds(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """L2-normalised text embeddings."""
-    m = _unwrap(model)
-    out = m.text_model(input_ids=input_ids, attention_mask=attention_mask)
-    return torch.nn.functional.normalize(m.text_projection(out.pooler_output), dim=-1)
+    return ClipBackbone(_unwrap(model), processor, name="pretraining", frozen=False)
 
 
 # --------------------------------------------------------------------------- regions & captions
@@ -389,15 +391,6 @@ class RegionSampler:
         return str(self.views[int(rng.choice(len(self.views), p=self.view_p))])
 
 
-def render_view(kind: str, image: Image.Image, box: Sequence[float], blurred: Image.Image | None) -> Image.Image:
-    """One :mod:`clipground.imageops` view of ``box`` (reusing a precomputed blur)."""
-    if kind == "crop":
-        return crop_view(image, box)
-    if kind == "blur":
-        return blur_view(image, box, blurred=blurred)
-    return circle_view(image, box)
-
-
 # --------------------------------------------------------------------------- dataset
 
 
@@ -509,33 +502,33 @@ def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
 # --------------------------------------------------------------------------- evaluation
 
 
-@dataclass
-class _EvalItem:
-    image: Path
-    boxes: list[list[float]]
-    target: int
-    expression: str
-    subject: str
-    hard: list[list[float]]
-
-
-def _eval_items(world: Path, split: str, max_records: int, hard_boxes: int, seed: int) -> list[_EvalItem]:
+def _eval_records(world: Path, split: str, max_records: int) -> list[Any]:
+    """The first ``max_records`` attribute records of ``split`` (0: all)."""
     from ..data.jsonl import read_jsonl
 
     path = world / f"{split}.jsonl"
     if not path.is_file():
         return []
+    recs = [r for r in read_jsonl(path) if r.meta.get("type") == "attribute"]
+    return recs[:max_records] if max_records else recs
+
+
+def _hard_candidates(world: Path, split: str, records: Sequence[Any], hard_boxes: int, seed: int
+                     ) -> dict[str, list[list[float]]]:
+    """Per image: its ground-truth boxes plus, for each evaluated record, up to ``hard_boxes``
+    boxes around the target that a good region model must score below the tight box (part of
+    the object, a loose box around it, a box around it and a neighbour)."""
     objects = load_scene_objects(world, split)
     wcfg = load_world_config(world)
     size = wcfg.image_size if wcfg is not None else 128
     sampler = RegionSampler(RegionDataConfig())
-    out = []
-    for k, r in enumerate(x for x in read_jsonl(path) if x.meta.get("type") == "attribute"):
+    table: dict[str, list[list[float]]] = {}
+    for k, r in enumerate(records):
         objs = objects[str(r.image_id)]
-        t = int(r.meta["target"])
+        boxes = table.setdefault(r.image, [list(q.box) for q in objs])
+        o = objs[int(r.meta["target"])]
         rng = np.random.default_rng([seed, 999, k])
         hard: list[list[float]] = []
-        o = objs[t]
         for _ in range(hard_boxes * 3):
             if len(hard) >= hard_boxes:
                 break
@@ -549,90 +542,60 @@ def _eval_items(world: Path, split: str, max_records: int, hard_boxes: int, seed
                 b = pb[0] if pb else None
             if b is not None:
                 hard.append(b)
-        out.append(_EvalItem(Path(r.image), [list(q.box) for q in objs], t, r.expression,
-                             str(r.meta.get("subject") or r.expression), hard))
-        if max_records and len(out) >= max_records:
-            break
-    return out
+        boxes.extend(hard)
+    return table
 
 
-def _render_many(image: Image.Image, boxes: list[list[float]], views: Sequence[str]) -> list[Image.Image]:
-    blurred = blur_image(image) if "blur" in views else None
-    return [render_view(v, image, b, blurred) for v in views for b in boxes]
+def _noun_phrase_records(records: Sequence[Any]) -> list[Any]:
+    """The records with each expression replaced by its bare noun phrase (``meta["subject"]``)."""
+    from dataclasses import replace
+
+    return [replace(r, expression=str(r.meta.get("subject") or r.expression)) for r in records]
 
 
-@torch.no_grad()
-def evaluate_grounding(model: torch.nn.Module, processor, items: list[_EvalItem], views: Sequence[str],
-                       per_view: Sequence[str] = (), batch_size: int = 256) -> dict[str, float]:
-    """Zero-shot box choice among ground-truth boxes, as the zero-shot scorer does it.
+def make_eval_fn(world: Path, processor: Any, cfg: EvalConfig, seed: int):
+    """``eval_fn(model)`` for the trainer: the quality gate on ``cfg.split`` (and compositional).
 
-    For each record: render ``views`` of every ground-truth object box, take the mean
-    cosine between their embeddings and the text, pick the argmax. Reports accuracy with
-    the full expression (``acc``) and with the bare noun phrase (``acc_np``), how often the
-    target's tight box beats hard boxes around it (``tight_beats_hard``), and the accuracy
-    of each single view in ``per_view`` (``acc_crop``, ...).
+    Every number is Acc@0.5 from :func:`clipground.evaluation.evaluate` with the zero-shot scorer
+    (``relations=False``: the gate measures the region model, not the rules) on the model being
+    trained: ``{split}_acc`` with the scene's ground-truth boxes as candidates, ``{split}_acc_np``
+    with the bare noun phrase, ``{split}_acc_hard`` with hard boxes added to the candidates,
+    ``{split}_acc_<view>`` with one view alone, and ``compositional_acc`` / ``_acc_np``.
     """
-    if not items:
-        return {}
-    model = _unwrap(model)
-    device = next(model.parameters()).device
-    all_views = list(dict.fromkeys([*views, *per_view]))
-    imgs: list[Image.Image] = []
-    spans = []
-    for it in items:
-        with Image.open(it.image) as im:
-            image = im.convert("RGB")
-        boxes = it.boxes + it.hard
-        start = len(imgs)
-        imgs.extend(_render_many(image, boxes, all_views))
-        spans.append((start, len(boxes)))
-    emb = []
-    for i in range(0, len(imgs), batch_size):
-        pv = processor.image_processor(images=imgs[i:i + batch_size], return_tensors="pt")["pixel_values"]
-        emb.append(image_embeds(model, pv.to(device)))
-    E = torch.cat(emb)
-    texts = sorted({t for it in items for t in (it.expression, it.subject)})
-    tok = processor.tokenizer(texts, padding=True, return_tensors="pt")
-    T = text_embeds(model, tok["input_ids"].to(device), tok["attention_mask"].to(device))
-    tindex = {t: i for i, t in enumerate(texts)}
-    nv = len(all_views)
-    gate = [all_views.index(v) for v in views]
-    correct = correct_np = beats = beats_n = 0
-    view_correct = dict.fromkeys(per_view, 0)
-    for it, (start, nb) in zip(items, spans):
-        e = E[start:start + nv * nb].reshape(nv, nb, -1)
-        sims = e @ T[tindex[it.expression]]  # (views, boxes)
-        s_expr = sims[gate].mean(0)
-        s_np = (e[gate] @ T[tindex[it.subject]]).mean(0)
-        ng = len(it.boxes)
-        correct += int(s_expr[:ng].argmax()) == it.target
-        correct_np += int(s_np[:ng].argmax()) == it.target
-        for v in per_view:
-            view_correct[v] += int(sims[all_views.index(v), :ng].argmax()) == it.target
-        if nb > ng:
-            beats += int((s_expr[it.target] > s_expr[ng:]).sum())
-            beats_n += nb - ng
-    n = len(items)
-    out = {"acc": correct / n, "acc_np": correct_np / n, "n": float(n)}
-    out.update({f"acc_{v}": c / n for v, c in view_correct.items()})
-    if beats_n:
-        out["tight_beats_hard"] = beats / beats_n
-    return out
+    from ..evaluation import evaluate
+    from ..grounder import Grounder
+    from ..methods.zero_shot import ZeroShotConfig, ZeroShotScorer
+    from ..proposals import get_proposals
+    from ..proposals.files import PrecomputedProposals
 
-
-def make_eval_fn(world: Path, processor, cfg: EvalConfig, seed: int):
-    """``eval_fn(model)`` for the trainer: the quality gate on ``cfg.split`` (and compositional)."""
-    main = _eval_items(world, cfg.split, cfg.max_records, cfg.hard_boxes, seed)
-    comp = _eval_items(world, "compositional", cfg.max_records, 0, seed) if cfg.compositional else []
+    main = _eval_records(world, cfg.split, cfg.max_records)
     if not main:
         raise ConfigError(f"world {world} has no attribute records in split {cfg.split!r} to evaluate on")
+    comp = _eval_records(world, "compositional", cfg.max_records) if cfg.compositional else []
+    gt = {s: get_proposals(f"gt:{world / f'instances_{s}.json'}") for s in {cfg.split, "compositional"}
+          if (world / f"instances_{s}.json").is_file()}
+    hard = None
+    if cfg.hard_boxes:
+        table = _hard_candidates(world, cfg.split, main, cfg.hard_boxes, seed)
+        hard = PrecomputedProposals.from_table(table, min_size=1.0, top_k=10_000)
+    runs: list[tuple[str, list[Any], tuple[str, ...], Any]] = [
+        (f"{cfg.split}_acc", main, tuple(cfg.views), gt[cfg.split]),
+        (f"{cfg.split}_acc_np", _noun_phrase_records(main), tuple(cfg.views), gt[cfg.split]),
+    ]
+    if hard is not None:
+        runs.append((f"{cfg.split}_acc_hard", main, tuple(cfg.views), hard))
+    runs += [(f"{cfg.split}_acc_{v}", main, (v,), gt[cfg.split]) for v in cfg.per_view]
+    if comp:
+        runs += [("compositional_acc", comp, tuple(cfg.views), gt["compositional"]),
+                 ("compositional_acc_np", _noun_phrase_records(comp), tuple(cfg.views), gt["compositional"])]
 
     def eval_fn(model: torch.nn.Module) -> dict[str, float]:
-        res = evaluate_grounding(model, processor, main, cfg.views, cfg.per_view)
-        out = {f"{cfg.split}_{k}": v for k, v in res.items() if k != "n"}
-        if comp:
-            c = evaluate_grounding(model, processor, comp, cfg.views)
-            out.update({f"compositional_{k}": v for k, v in c.items() if k in ("acc", "acc_np")})
+        backbone = as_backbone(model, processor)  # a fresh wrapper: no text memo from older weights
+        out = {}
+        for name, records, views, proposals in runs:
+            method = ZeroShotScorer(backbone, ZeroShotConfig(views=views, relations=False))
+            res = evaluate(Grounder(method, proposals), records, progress=False, examples=0)
+            out[name] = res.metrics["acc@0.5"]
         return out
 
     return eval_fn
@@ -643,24 +606,14 @@ def make_eval_fn(world: Path, processor, cfg: EvalConfig, seed: int):
 
 def save_checkpoint_dir(model: torch.nn.Module, processor, out: str | os.PathLike,
                         extra_files: dict[str, bytes] | None = None) -> Path:
-    """``save_pretrained`` model + processor into ``out`` atomically (temp dir, then rename)."""
+    """``save_pretrained`` model + processor into ``out`` atomically (a temp folder renamed into place)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    old = out.parent / f".old-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json for AutoImageProcessor too
-    for name, data in (extra_files or {}).items():
-        (tmp / name).write_bytes(data)
-    for f in tmp.iterdir():
-        f.chmod(0o644)  # safetensors may create 0600 files; shipped assets must be readable
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json for AutoImageProcessor too
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return out
 
 
@@ -695,17 +648,18 @@ def _recipe_md(cfg: PretrainConfig, command: str, world: Path, result: TrainResu
         "",
         "## Validation metrics (final)",
         "",
-        f"Attribute expressions of the world's `{cfg.eval.split}` split; box = argmax over the scene's "
-        f"ground-truth boxes of the mean cosine over views {list(cfg.eval.views)}.",
+        f"Attribute expressions of the world's `{cfg.eval.split}` split; box = argmax over the candidates "
+        f"of the mean cosine over views {list(cfg.eval.views)}.",
         "",
         "| metric | value |",
         "|---|---|",
     ]
     for k, v in sorted(ev.items()):
         lines.append(f"| {k} | {v:.4f} |")
-    lines += ["", "`*_acc`: full expression; `*_acc_np`: bare noun phrase (e.g. `red circle`);",
-              "`tight_beats_hard`: fraction of (target tight box, hard box) pairs where the tight box",
-              "scores higher (hard = part of the object / loose box around it / box around it and a neighbour).",
+    lines += ["", "Acc@0.5 from `clipground.evaluation.evaluate` with the zero-shot scorer (no relation rules):",
+              "`*_acc`: full expression among the scene's ground-truth boxes; `*_acc_np`: bare noun phrase",
+              "(e.g. `red circle`); `*_acc_hard`: hard boxes (part of the object / loose box around it / box",
+              "around it and a neighbour) added to the candidates; `*_acc_<view>`: that view alone.",
               "", "## Full config", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 

@@ -32,6 +32,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import checkpoint as C
+from ..errors import ConfigError
+from ..io import save_figure
 from .config import TrainConfig, to_dict, validate_train_config
 
 LossFn = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
@@ -119,11 +121,10 @@ def plot_learning_curve(metrics_path: str | os.PathLike, out_png: str | os.PathL
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=8)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(C.TMP_PREFIX + out_png.name)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        save_figure(fig, out_png, dpi=100)
+    finally:
+        plt.close(fig)
     return out_png
 
 
@@ -186,8 +187,6 @@ class Trainer:
                           cpu=not torch.cuda.is_available())
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world > 1 and acc.num_processes != world:
-            from .config import ConfigError
-
             raise ConfigError(f"launched {world} processes but accelerate set up {acc.num_processes}; "
                               "use `accelerate launch --multi_gpu --num_processes N` (also on CPU)")
         return acc
@@ -231,8 +230,14 @@ class Trainer:
         path = self.output_dir / METRICS_FILE
         if not path.is_file():
             return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # the half-written last line of a killed run
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line)
         C.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ checkpoints
@@ -267,8 +272,6 @@ class Trainer:
         data = C.read_checkpoint(ckpt, acc.process_index)
         state = data["state"]
         if state.get("num_processes", 1) != acc.num_processes:
-            from .config import ConfigError
-
             raise ConfigError(f"checkpoint {ckpt} was written with {state['num_processes']} process(es); "
                               f"resume with the same number (now {acc.num_processes})")
         C.load_trainable_state_dict(acc.unwrap_model(self.model), data["model"])
@@ -338,8 +341,9 @@ class Trainer:
         self.model = model
         batches_per_epoch = len(loader)
         if batches_per_epoch == 0:
-            raise ValueError(f"dataset of {len(self.dataset)} items gives no batch of size {cfg.batch_size} "  # type: ignore[arg-type]
-                             f"on {acc.num_processes} process(es); lower batch_size or set drop_last=false")
+            raise ConfigError(f"the training set has {len(self.dataset)} samples, fewer than one batch of "  # type: ignore[arg-type]
+                              f"batch_size={cfg.batch_size} on {acc.num_processes} process(es); lower batch_size "
+                              f"(e.g. train.batch_size={max(1, len(self.dataset))}) or set train.drop_last=false")
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
         total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
         # The scheduler is stepped by hand once per optimiser step (not prepared), so the LR

@@ -4,7 +4,7 @@
 
 1. loads the annotations (any format :func:`clipground.data.loaders.load_records` reads,
    or a synthetic-world folder: its ``train.jsonl``/``val.jsonl``);
-2. builds (or resumes, or reuses) the proposal + feature cache of each split
+2. builds (or resumes, or reuses) the ``regions`` feature cache of each split
    (:class:`clipground.cache.FeatureCache`) in ``--cache DIR`` (``DIR/train``, ``DIR/val``;
    default ``OUT/cache``). ``{split}`` in ``--proposals`` is replaced by the split name, so
    ``gt:world/instances_{split}.json`` gives each split its own oracle boxes;
@@ -15,18 +15,19 @@
    ``--resume``). Frozen-backbone methods read only the cache; ``clip-finetune`` and
    ``flyp`` take the cached boxes and render proposal views from the image at each step,
    since their features change while training;
-5. saves ``OUT/final`` with :meth:`Grounder.save_pretrained` and ``OUT/final_metrics.json``.
+5. validates with the one evaluator (:mod:`clipground.training.validation`): frozen methods
+   on the validation cache's image states, fine-tuned ones re-encoding each image live on
+   the cached proposals;
+6. saves ``OUT/final`` with :meth:`Grounder.save_pretrained` and ``OUT/final_metrics.json``.
 
-Config: a YAML file (``--config``, see ``configs/scorer_*.yaml``) with sections ``train``
-(:class:`~clipground.training.TrainConfig`), ``method`` (the method's config), ``data``
-(:class:`ScorerData`) and ``cache`` (:class:`ScorerCacheOptions`); ``key=value``
-overrides on the command line (``lr=3e-4``, ``method.layers=4``, ``data.pos_iou=0.6``).
+Config: the recipe schema of :mod:`clipground.training.recipes` (``--config``, see
+``configs/scorer_*.yaml``): sections ``train``, ``model`` (the method's config), ``data``
+(:class:`ScorerData`) and ``cache``; ``key=value`` overrides on the command line
+(``lr=3e-4``, ``model.layers=4``, ``data.pos_iou=0.6``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, make_dataclass
@@ -39,24 +40,28 @@ from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
 from ...backbone import ClipBackbone
-from ...cache import CacheSpec, CachedImage, CachedText, FeatureCache, image_features, normalize_text, text_features, too_long
+from ...backbone.features import region_features, text_features, too_long
+from ...backbone.views import render_views
+from ...cache import CachedImage, CachedText, CacheSpec, FeatureCache, normalize_text
 from ...data.records import GroundingRecord
-from ...errors import BadAnnotationError, ClipgroundError
-from ...imageops import render_views
+from ...errors import ClipgroundError, ConfigError
+from ...grounder import Grounder
 from ...methods import get_method_class
-from ...methods.base import GroundingMethod
 from ...methods.trained_scorers import (
     ClipFinetune,
     Flyp,
     box_geometry,
     collate_feature_items,
-    multi_positive_ce,
-    resolver_prior,
     noun_phrases,
+    resolver_prior,
 )
+from ...options import to_dict
 from ...relations import parse
-from ..config import ConfigError, TrainConfig, apply_overrides, from_dict, to_dict
-from . import TrainArgs, register_recipe
+from ..config import TrainConfig
+from ..losses import multi_positive_ce
+from ..validation import validation_fn
+from . import (CacheOptions, CachedRecipeConfig, DataConfig, TrainArgs, check_batch, load_backbone, load_recipe_config, load_split,
+               save_final, split_paths, start_run)
 
 FROZEN_METHODS = ("proposal-classifier", "proposal-attention")
 PIXEL_METHODS = ("clip-finetune", "flyp")
@@ -66,7 +71,7 @@ PIXEL_METHODS = ("clip-finetune", "flyp")
 
 
 @dataclass
-class ScorerData:
+class ScorerData(DataConfig):
     """How training samples are made from records and cached proposals.
 
     Attributes:
@@ -79,9 +84,6 @@ class ScorerData:
         flyp_text: ``subject`` (spatial expressions are reduced to their subject noun phrase,
             as the zero-shot resolver asks CLIP at inference) or ``expression``.
         pos_weight: BCE weight of positives (``proposal-classifier``).
-        limit: use at most this many training records (0: all).
-        val_limit: evaluate on at most this many validation records (0: all).
-        eval_batch: expressions per batch when evaluating from the cache.
     """
 
     pos_iou: float = 0.5
@@ -90,24 +92,13 @@ class ScorerData:
     train_proposals: int = 16
     flyp_text: str = "subject"
     pos_weight: float = 1.0
-    limit: int = 0
-    val_limit: int = 0
-    eval_batch: int = 64
 
 
 @dataclass
-class ScorerCacheOptions:
-    """Feature-cache options (views come from the method config).
-
-    Attributes:
-        patches: also cache whole-image patch embeddings.
-        shard_size: images per cache shard (the unit of resumption).
-        rebuild: rebuild a cache whose fingerprint differs instead of failing.
-    """
+class ScorerCacheOptions(CacheOptions):
+    """Feature-cache options of the scorers; ``patches``: also cache whole-image patch embeddings."""
 
     patches: bool = False
-    shard_size: int = 64
-    rebuild: bool = False
 
 
 #: Method-specific defaults of the shared training config (YAML files can override them).
@@ -119,40 +110,23 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def recipe_config_class(method: str) -> type:
-    """The config dataclass of ``method``'s recipe: ``train``, ``method``, ``data``, ``cache``."""
+def config_class(method: str) -> type:
+    """The recipe config of ``method``: the schema's sections, ``model`` being the method's config."""
     mcls = get_method_class(method)
-    defaults = TRAIN_DEFAULTS.get(method, {})
     return make_dataclass(
         f"{mcls.__name__}RecipeConfig",
         [
-            ("train", TrainConfig, field(default_factory=lambda: TrainConfig(**defaults))),
-            ("method", mcls.Config, field(default_factory=mcls.Config)),
+            ("model", mcls.Config, field(default_factory=mcls.Config)),
             ("data", ScorerData, field(default_factory=ScorerData)),
             ("cache", ScorerCacheOptions, field(default_factory=ScorerCacheOptions)),
         ],
+        bases=(CachedRecipeConfig,),
     )
 
 
-def load_recipe_config(method: str, path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Any:
+def load_scorer_config(method: str, path: str | None, overrides: Sequence[str] = ()) -> Any:
     """Read the YAML config of ``method``'s recipe and apply ``key=value`` overrides."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("train", {}) or {}, dict):
-            raise ConfigError(f"{p}: top level and its 'train' section must be mappings")
-    # The method's training defaults sit under whatever the file sets.
-    data = dict(data)
-    data["train"] = {**TRAIN_DEFAULTS.get(method, {}), **(data.get("train") or {})}
-    cfg = apply_overrides(from_dict(recipe_config_class(method), data), overrides)
+    cfg = load_recipe_config(config_class(method), path, overrides, train_defaults=TRAIN_DEFAULTS.get(method, {}))
     d = cfg.data
     if d.sentences not in ("all", "one"):
         raise ConfigError(f"data.sentences must be 'all' or 'one', got {d.sentences!r}")
@@ -164,26 +138,6 @@ def load_recipe_config(method: str, path: str | os.PathLike | None, overrides: S
 
 
 # --------------------------------------------------------------------------- data
-
-
-def resolve_annotations(train: str, val: str | None) -> tuple[str, str | None]:
-    """A synthetic-world folder stands for its ``train.jsonl`` (and ``val.jsonl``)."""
-    p = Path(train)
-    if p.is_dir() and (p / "world.json").is_file():
-        v = val if val is not None else (str(p / "val.jsonl") if (p / "val.jsonl").is_file() else None)
-        return str(p / "train.jsonl"), v
-    return train, val
-
-
-def load_annotation_records(path: str, images: str | None, limit: int = 0, what: str = "training") -> list[GroundingRecord]:
-    """Records of an annotation file whose images exist (dropped ones are reported)."""
-    from ...data.loaders import load_records
-
-    res = load_records(path, images=images, limit=limit or None)
-    print(f"{what} data {path}: {res.summary()}", flush=True)
-    if not res.records:
-        raise BadAnnotationError(f"no usable {what} records in {path} ({res.summary()})")
-    return res.records
 
 
 def proposals_for(spec: str, split: str) -> Any:
@@ -219,9 +173,8 @@ class LiveFeatures:
 
         img = load_image(path)
         b = self.boxes(path)
-        f = image_features(self.backbone, img, b, self.views)
-        return CachedImage(path, b.clone(), torch.zeros(len(b)), f["view_embeds"].clone(), f["image_embed"].clone(),
-                           img.size)
+        f = region_features(self.backbone, img, b, self.views)
+        return CachedImage(path, img.size, b.clone(), torch.zeros(len(b)), {k: v.clone() for k, v in f.items()})
 
     def has_text(self, text: str) -> bool:
         return not too_long(self.backbone, [normalize_text(text)])[0]
@@ -469,63 +422,17 @@ def flyp_loss(views: int) -> Callable[[Any, dict[str, Any]], tuple[torch.Tensor,
     return loss_fn
 
 
-# --------------------------------------------------------------------------- evaluation from a cache
-
-
-@torch.no_grad()
-def evaluate_on_cache(method: GroundingMethod, cache: FeatureCache, records: Sequence[GroundingRecord],
-                      live: bool = False, max_phrases: int = 64) -> dict[str, float]:
-    """Acc@0.5 of ``method`` on ``records`` using the cache's proposals (and features unless ``live``).
-
-    ``live=True`` re-encodes each image with the method's own backbone (needed while it is
-    being fine-tuned). Records whose expression the backbone cannot encode count as misses.
-    Returns ``acc@0.5``, ``proposal_recall@0.5``, ``count`` and per-``meta["type"]`` accuracies.
-    """
-    if not live and tuple(getattr(method.config, "views", cache.views)) != cache.views:
-        raise ClipgroundError(f"method views {list(method.config.views)} differ from the cache's {list(cache.views)}")
-    was_training = method.training
-    method.eval()
-    by_image: dict[str, list[GroundingRecord]] = {}
-    for r in records:
-        by_image.setdefault(r.image, []).append(r)
-    hits, recall, types = [], [], []
-    for path, recs in by_image.items():
-        state = cache.image_state(path, load_pixels=live)
-        if live:
-            state.features = {}
-            method.encode_image(state)
-        for s in range(0, len(recs), max_phrases):
-            chunk = recs[s : s + max_phrases]
-            ok = [not too_long(method.backbone, [normalize_text(r.expression)])[0] for r in chunk]
-            good = [r for r, o in zip(chunk, ok) if o]
-            ranks = iter(method.rank(state, [normalize_text(r.expression) for r in good]) if good else [])
-            for r, o in zip(chunk, ok):
-                tgt = torch.tensor([r.box], dtype=torch.float32)
-                recall.append(bool(len(state.proposals.boxes)) and float(box_iou(state.proposals.boxes, tgt).max()) >= 0.5)
-                rk = next(ranks) if o else None
-                hit = rk is not None and len(rk.boxes) > 0 and float(box_iou(rk.boxes[:1], tgt)[0, 0]) >= 0.5
-                hits.append(hit)
-                types.append(str(r.meta.get("type", "")) if isinstance(r.meta, dict) else "")
-    method.train(was_training)
-    n = max(1, len(hits))
-    out = {"acc@0.5": sum(hits) / n, "proposal_recall@0.5": sum(recall) / n, "count": float(len(hits))}
-    for t in sorted(set(types) - {""}):
-        sel = [h for h, tt in zip(hits, types) if tt == t]
-        out[f"acc@0.5/{t}"] = sum(sel) / len(sel)
-    return out
-
-
 # --------------------------------------------------------------------------- the recipe
 
 
 def build_caches(args: TrainArgs, cfg: Any, backbone: ClipBackbone, train_records: list[GroundingRecord],
                  val_records: list[GroundingRecord] | None, progress: bool = True) -> tuple[FeatureCache, FeatureCache | None]:
-    """Build/resume/reuse the train (and val) caches under ``--cache`` (default ``OUT/cache``)."""
-    root = Path(args.cache) if args.cache else Path(args.out) / "cache"
-    spec = CacheSpec(views=tuple(cfg.method.views), patches=cfg.cache.patches, shard_size=cfg.cache.shard_size)
+    """Build/resume/reuse the train (and val) ``regions`` caches under ``--cache`` (default ``OUT/cache``)."""
+    root = args.cache_root
+    spec = CacheSpec(views=tuple(cfg.model.views), patches=cfg.cache.patches, shard_size=cfg.cache.shard_size)
     caches = []
     for split, recs in (("train", train_records), ("val", val_records)):
-        if recs is None:
+        if not recs:
             caches.append(None)
             continue
         print(f"feature cache ({split}): {root / split}", flush=True)
@@ -534,33 +441,38 @@ def build_caches(args: TrainArgs, cfg: Any, backbone: ClipBackbone, train_record
     return caches[0], caches[1]
 
 
-def _train_scorer(args: TrainArgs) -> Path:
-    from ...grounder import Grounder
-    from ..checkpoint import atomic_write_text
+def scorer_validation(method: Any, val_cache: FeatureCache, val_records: Sequence[GroundingRecord]) -> Callable:
+    """The trainer's ``eval_fn``: the one evaluator on the validation cache (frozen methods read its
+    image states; fine-tuned ones re-encode each image live on its cached proposals)."""
+    if method.name in PIXEL_METHODS:
+        return validation_fn(Grounder(method, val_cache.proposal_source()), val_records)
+    return validation_fn(Grounder(method, val_cache.proposal_source()), val_records, states=val_cache.image_state)
+
+
+def train(args: TrainArgs) -> Path:
+    """``clipground train --method proposal-classifier|proposal-attention|clip-finetune|flyp``."""
     from ..trainer import Trainer
 
-    cfg = load_recipe_config(args.method, args.config, args.overrides)
-    cfg.train.output_dir = str(args.out)
-    out = Path(args.out)
-    train_path, val_path = resolve_annotations(args.train, args.val)
-    train_records = load_annotation_records(train_path, args.images, cfg.data.limit, "training")
-    val_records = load_annotation_records(val_path, args.images, cfg.data.val_limit, "validation") if val_path else None
+    cfg = load_scorer_config(args.method, args.config, args.overrides)
+    start_run(cfg, args)
+    train_path, val_path = split_paths(args)
+    train_records = load_split(train_path, args.images, cfg.data.limit, cfg.train.seed, "training")
+    val_records = load_split(val_path, args.images, cfg.data.val_limit, cfg.train.seed, "validation") if val_path else []
 
-    backbone = ClipBackbone.from_pretrained(args.backbone)
+    backbone = load_backbone(args)
     t0 = time.perf_counter()
     train_cache, val_cache = build_caches(args, cfg, backbone, train_records, val_records, progress=cfg.train.progress)
     cache_s = time.perf_counter() - t0
     print(f"feature caches ready in {cache_s:.1f} s", flush=True)
 
     torch.manual_seed(cfg.train.seed)
-    mcls = get_method_class(args.method)
-    method = mcls(backbone, cfg.method)
+    method = get_method_class(args.method)(backbone, cfg.model)
     d = cfg.data
     if args.method in FROZEN_METHODS:
         dataset: Dataset = FeatureDataset(train_cache, train_records, d.pos_iou, d.sentences, cfg.train.seed,
-                                          noun_phrases=bool(getattr(cfg.method, "noun_phrases", False)),
+                                          noun_phrases=bool(getattr(cfg.model, "noun_phrases", False)),
                                           prior_temperature=float(backbone.logit_scale)
-                                          if getattr(cfg.method, "resolver_prior", False) else None)
+                                          if getattr(cfg.model, "resolver_prior", False) else None)
         collate = collate_feature_items
         loss_fn = classifier_loss(d.pos_weight) if args.method == "proposal-classifier" else ranking_loss
     else:
@@ -579,12 +491,9 @@ def _train_scorer(args: TrainArgs) -> Path:
           + (f", {stats.too_long} too long for the text encoder" if stats.too_long else ""), flush=True)
     if len(dataset) == 0:
         raise ClipgroundError("no training sample has a positive proposal; check the proposals and data.pos_iou")
+    check_batch(len(dataset), cfg.train)
 
-    eval_fn = None
-    if val_cache is not None and val_records:
-        live = args.method in PIXEL_METHODS
-        eval_fn = lambda m: {k: v for k, v in evaluate_on_cache(m, val_cache, val_records, live=live).items()}  # noqa: E731
-
+    eval_fn = scorer_validation(method, val_cache, val_records) if val_cache is not None else None
     trainer = Trainer(cfg.train, method, dataset, collate_fn=collate, loss_fn=loss_fn, eval_fn=eval_fn,
                       extra_state={"method": args.method, "method_config": method.config.to_dict()})
     result = trainer.fit(resume=args.resume)
@@ -592,13 +501,11 @@ def _train_scorer(args: TrainArgs) -> Path:
           + ", ".join(f"{k}={v:.4g}" for k, v in {**result.last_metrics, **result.last_eval}.items()), flush=True)
     method = trainer.unwrapped_model()  # type: ignore[assignment]
     method.eval()
-    final = out / "final"
-    Grounder(method, proposals_for(args.proposals, "test")).save_pretrained(final)
     summary = {
         "method": args.method,
         "backbone": args.backbone,
         "proposals": args.proposals,
-        "train": {"annotations": train_path, **stats.to_json(), "cache": str(train_cache.root),
+        "train": {"annotations": str(train_path), **stats.to_json(), "cache": str(train_cache.root),
                   "cache_fingerprint": train_cache.fingerprint},
         "steps": result.step,
         "train_seconds": round(result.wall_time_s, 1),
@@ -607,12 +514,8 @@ def _train_scorer(args: TrainArgs) -> Path:
         "val": result.last_eval,
         "config": to_dict(cfg),
     }
-    atomic_write_text(out / "final_metrics.json", json.dumps(summary, indent=2, sort_keys=True, default=str))
-    return final
+    return save_final(Grounder(method, proposals_for(args.proposals, "test")), args.out, summary)
 
-
-for _name in FROZEN_METHODS + PIXEL_METHODS:
-    register_recipe(_name)(_train_scorer)
 
 __all__ = [
     "DataStats",
@@ -623,11 +526,12 @@ __all__ = [
     "ScorerData",
     "build_caches",
     "classifier_loss",
-    "evaluate_on_cache",
+    "config_class",
     "flyp_loss",
     "flyp_text",
-    "load_recipe_config",
+    "load_scorer_config",
     "make_pixel_collate",
     "ranking_loss",
-    "recipe_config_class",
+    "scorer_validation",
+    "train",
 ]

@@ -1,7 +1,8 @@
 """Recipe of ``locator``: map loss + box loss on cached frozen CLIP features.
 
-``clipground train --method locator --train WORLD/train.jsonl --val WORLD/val.jsonl
---backbone clipground/world-clip --out runs/locator [--config configs/locator.yaml]``.
+``clipground train --method locator --train WORLD --backbone clipground/world-clip
+--out runs/locator [--config configs/locator.yaml]``: the same cached features and validation
+as the fusion regressor's recipe (:mod:`clipground.training.dense_data`).
 
 Map targets are the target box rasterized with exact area coverage (each cell's target is
 the fraction of it inside the box), at the locator's grid and at the refined resolution.
@@ -24,29 +25,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...backbone import ClipBackbone
+from ...backbone.features import patch_grid
+from ...cache import FeatureCache
 from ...data.records import GroundingRecord
-from ...errors import BadAnnotationError, ClipgroundError
+from ...errors import BadAnnotationError
+from ...grounder import Grounder
 from ...methods.dense import Locator, LocatorConfig
-from ...methods.regression import box_losses, dense_input, patch_grid
-from ...mirror import flip_box
-from ..config import TrainConfig, load_config
+from ...mirror import flip_box, split_key
+from ..config import TrainConfig
+from ..dense_data import DenseBatch, DenseData, DenseDataset, prepare_dense
+from ..losses import box_coverage, box_losses, map_loss
 from ..trainer import Trainer
-from . import TrainArgs, register_recipe
-from .regression import (
-    Batch,
-    CachedGroundingDataset,
-    box_coverage,
-    check_view,
-    map_loss,
-    FeatureCache,
-    evaluate_dataset,
-    load_backbone,
-    prepare_data,
-    save_final,
-    set_threads,
-    split_key,
-)
+from ..validation import validation_fn
+from . import (CachedRecipeConfig, LossConfig, TrainArgs, check_batch, load_backbone, load_recipe_config, save_final,
+               start_run)
 
 
 # --------------------------------------------------------------------------- masks
@@ -106,21 +98,21 @@ def load_instance_masks(records: Sequence[GroundingRecord], instances: str | Pat
     return out
 
 
-def mask_to_input(mask: np.ndarray, fraction: float, out_hw: tuple[int, int]) -> torch.Tensor:
-    """Warp an image-pixel mask into model-input coordinates (padded square, crop) at ``out_hw``."""
+def mask_to_input(mask: np.ndarray, offset: float, scale: float, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Warp an image-pixel mask into model-input coordinates (the padded square's ``[offset, offset +
+    scale]`` window, see :class:`~clipground.backbone.geometry.InputGeometry`) at ``out_hw``."""
     h, w = mask.shape
     side = max(h, w)
     sq = np.zeros((side, side), np.float32)
     sq[:h, :w] = mask
-    m = side * (1 - fraction) / 2
-    lo, hi = int(round(m)), int(round(side - m))
+    lo, hi = int(round(offset)), int(round(offset + scale))
     sq = sq[lo:hi, lo:hi]
     return torch.from_numpy(cv2.resize(sq, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_AREA)).half()
 
 
-def resolve_masks(spec: str, path: str, split: str, records: Sequence[GroundingRecord], cache: FeatureCache,
+def resolve_masks(spec: str, path: str, split: str, records: Sequence[GroundingRecord], ds: DenseDataset,
                   out_hw: tuple[int, int]) -> list[torch.Tensor | None] | None:
-    """Target masks for ``records`` per the ``masks`` option (``auto``, ``none`` or a JSON path)."""
+    """Target masks for ``ds``'s ``records`` per the ``masks`` option (``auto``, ``none`` or a JSON path)."""
     if spec == "none" or not records:
         return None
     if spec == "auto":
@@ -134,15 +126,11 @@ def resolve_masks(spec: str, path: str, split: str, records: Sequence[GroundingR
     if all(m is None for m in raw):
         return None
     out: list[torch.Tensor | None] = []
-    for r, m in zip(records, raw):
+    for i, m in enumerate(raw):
         if m is not None:
-            out.append(mask_to_input(m, cache.fraction, out_hw))
-            continue
-        # No instance matched this record: its box raster stands in for the mask.
-        w, h = (int(v) for v in cache.sizes[cache.image_index[r.image]])
-        side = max(w, h)
-        norm = (torch.tensor([r.box]) - side * (1 - cache.fraction) / 2) / (side * cache.fraction)
-        out.append(box_coverage(norm, *out_hw)[0].half())
+            out.append(mask_to_input(m, float(ds.offset[i]), float(ds.scale[i]), out_hw))
+        else:  # no instance matched this record: its box raster stands in for the mask
+            out.append(box_coverage(ds.boxes[i : i + 1], *out_hw)[0].half())
     return out
 
 
@@ -150,7 +138,7 @@ def resolve_masks(spec: str, path: str, split: str, records: Sequence[GroundingR
 
 
 @dataclass
-class LocatorLossConfig:
+class LocatorLossConfig(LossConfig):
     """Loss weights: map (BCE + Dice; ``coarse`` scales the low-resolution term) and box terms."""
 
     map: float = 1.0
@@ -160,28 +148,29 @@ class LocatorLossConfig:
 
 
 @dataclass
-class LocatorRecipeConfig:
-    """Everything ``clipground train --method locator`` reads from YAML / overrides.
+class LocatorData(DenseData):
+    """Records of the locator recipe; ``masks``: ``auto`` (world instance masks when present),
+    ``none``, or a COCO instances JSON path."""
 
-    ``masks``: ``auto`` (world instance masks when present), ``none``, or a COCO JSON path.
-    ``eval_limit``, ``flips`` and ``num_threads`` as in :class:`~clipground.training.recipes.regression.FusionRecipeConfig`.
-    """
+    masks: str = "auto"
+
+
+@dataclass
+class LocatorRecipeConfig(CachedRecipeConfig):
+    """Everything ``clipground train --method locator`` reads from YAML / overrides."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=64, lr=5e-4,
                                                                    warmup_steps=200, weight_decay=0.05,
                                                                    save_every=1000, eval_every=500, log_every=20))
     model: LocatorConfig = field(default_factory=LocatorConfig)
+    data: LocatorData = field(default_factory=lambda: LocatorData(val_limit=2000))
     loss: LocatorLossConfig = field(default_factory=LocatorLossConfig)
-    eval_limit: int = 2000
-    flips: list[str] = field(default_factory=list)
-    num_threads: int = 0
-    masks: str = "auto"
 
 
-def locator_loss(w: LocatorLossConfig) -> Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]:
+def locator_loss(w: LocatorLossConfig) -> Callable[[torch.nn.Module, DenseBatch], tuple[torch.Tensor, dict[str, Any]]]:
     """The trainer's ``loss_fn`` for a :class:`~clipground.methods.dense.LocatorNet`."""
 
-    def loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(model: torch.nn.Module, batch: DenseBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         out = model(*batch.inputs())
         (h, wd), (hh, ww) = out.coarse.shape[-2:], out.refined.shape[-2:]
         if batch.masks is not None:
@@ -197,41 +186,45 @@ def locator_loss(w: LocatorLossConfig) -> Callable[[torch.nn.Module, Batch], tup
     return loss_fn
 
 
-def train_locator(cfg: LocatorRecipeConfig, backbone: ClipBackbone, train: list[GroundingRecord],
-                  val: list[GroundingRecord], cache: FeatureCache, masks: list[torch.Tensor | None] | None = None,
-                  resume: bool = False, stop_after_steps: int | None = None) -> tuple[Locator, Any]:
-    """Train a :class:`Locator` on cached features; returns the method and the trainer result."""
-    check_view(cache, cfg.model)
+def config_class(method: str = "locator") -> type[LocatorRecipeConfig]:
+    return LocatorRecipeConfig
+
+
+def fit(cfg: LocatorRecipeConfig, backbone: Any, train_records: Sequence[GroundingRecord], cache: FeatureCache,
+        val_records: Sequence[GroundingRecord] = (), val_cache: FeatureCache | None = None,
+        masks_from: str | None = None, resume: bool = False, stop_after_steps: int | None = None
+        ) -> tuple[Locator, Any]:
+    """Train a :class:`Locator` on a dense cache; returns the method and the trainer result.
+
+    ``masks_from``: the training annotation path ``data.masks: auto`` looks for instance masks beside.
+    """
     torch.manual_seed(cfg.train.seed)
     method = Locator(backbone, cfg.model)
-    ds = CachedGroundingDataset(cache, train, cfg.model.prompt, masks=masks)
-    vds = CachedGroundingDataset(cache, val, cfg.model.prompt) if val else None
-
-    def eval_fn(net: torch.nn.Module) -> dict[str, float]:
-        return evaluate_dataset(lambda b: net(*b.inputs()).boxes, vds, next(net.parameters()).device)
-
-    trainer = Trainer(cfg.train, method.net, ds, ds.collate, locator_loss(cfg.loss),
-                      eval_fn=eval_fn if vds is not None else None,
+    ds = DenseDataset(cache, train_records, backbone, method.view, cfg.model.prompt)
+    gh, gw = patch_grid(backbone, method.view)
+    up = cfg.model.upsample
+    if masks_from is not None:
+        ds.masks = resolve_masks(cfg.data.masks, masks_from, "train", train_records, ds, (gh * up, gw * up))
+    eval_fn = None
+    if val_cache is not None and val_records:
+        eval_fn = validation_fn(Grounder(method), val_records, states=lambda p: val_cache.image_state(p, backbone=backbone))
+    trainer = Trainer(cfg.train, method.net, ds, ds.collate, locator_loss(cfg.loss), eval_fn=eval_fn,
                       extra_state={"method": method.name, "config": method.config.to_dict()})
     result = trainer.fit(resume=resume, stop_after_steps=stop_after_steps)
     method.eval()
     return method, result
 
 
-@register_recipe("locator")
-def run(args: TrainArgs) -> Path:
+def train(args: TrainArgs) -> Path:
     """``clipground train --method locator``: cache features, train, save ``out/final``."""
-    cfg = load_config(LocatorRecipeConfig, args.config, args.overrides)
-    cfg.train.output_dir = args.out
-    set_threads(cfg.num_threads)
+    cfg = load_recipe_config(LocatorRecipeConfig, args.config, args.overrides)
+    start_run(cfg, args)
     backbone = load_backbone(args)
-    view = dense_input(cfg.model)
-    train, val, cache = prepare_data(args, backbone, cfg.model.prompt, cfg.eval_limit, cfg.train.seed,
-                                     flips=cfg.flips, progress=cfg.train.progress, view=view)
-    if len(train) < cfg.train.batch_size and cfg.train.drop_last:
-        raise ClipgroundError(f"only {len(train)} training records for batch_size {cfg.train.batch_size}; "
-                              f"lower batch_size (e.g. batch_size={max(1, len(train))})")
-    gh, gw = patch_grid(backbone, view["tiles"], view["input_size"])
-    masks = resolve_masks(cfg.masks, args.train, "train", train, cache, (gh * cfg.model.upsample, gw * cfg.model.upsample))
-    method, result = train_locator(cfg, backbone, train, val, cache, masks=masks, resume=args.resume)
-    return save_final(method, args.out, result)
+    train_records, val_records, cache, val_cache = prepare_dense(args, cfg, backbone)
+    check_batch(len(train_records), cfg.train, "training records")
+    method, result = fit(cfg, backbone, train_records, cache, val_records, val_cache, masks_from=args.train,
+                         resume=args.resume)
+    return save_final(Grounder(method), args.out, {"step": result.step, "finished": result.finished,
+                                                   "train": result.last_metrics, "val": result.last_eval,
+                                                   "wall_time_s": result.wall_time_s, "cache": str(cache.root),
+                                                   "cache_fingerprint": cache.fingerprint})

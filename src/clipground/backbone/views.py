@@ -6,8 +6,9 @@
 * ``circle``: the whole image with a red ellipse drawn around the box (Red Circle,
   Shtedritski et al., ICCV 2023).
 
-These are shared by zero-shot scoring, feature caching and pretraining, so a model
-pretrained on these views is scored with exactly the same views.
+The backbone owns them: zero-shot scoring, the trained scorers, the feature cache and
+pretraining all render views here, so a model pretrained on these views is scored with
+exactly the same views.
 """
 
 from __future__ import annotations
@@ -63,6 +64,28 @@ def circle_view(image: Image.Image, box: Sequence[float], width: int | None = No
     return out
 
 
+def render_view(kind: str, image: Image.Image, box: Sequence[float], blurred: Image.Image | None = None) -> Image.Image:
+    """One view of ``box`` (``blurred``: a precomputed :func:`blur_image` to reuse)."""
+    if kind == "crop":
+        return crop_view(image, box)
+    if kind == "blur":
+        return blur_view(image, box, blurred=blurred)
+    if kind == "circle":
+        return circle_view(image, box)
+    raise ValueError(f"unknown view kind {kind!r}; choose from {VIEW_KINDS}")
+
+
+def check_view_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """``kinds`` as a tuple of distinct known view kinds, or a :class:`~clipground.errors.ConfigError`."""
+    from ..errors import ConfigError
+
+    kinds = tuple(kinds)
+    bad = sorted(set(kinds) - set(VIEW_KINDS))
+    if bad or not kinds or len(set(kinds)) != len(kinds):
+        raise ConfigError(f"views must be distinct kinds from {', '.join(VIEW_KINDS)}, got {list(kinds)}")
+    return kinds
+
+
 def render_views(image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[float]],
                  kinds: Sequence[str] = VIEW_KINDS) -> dict[str, list[Image.Image]]:
     """Render each of ``kinds`` for every box; the blur is computed once per image."""
@@ -73,10 +96,5 @@ def render_views(image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[flo
     out: dict[str, list[Image.Image]] = {}
     blurred = blur_image(image) if "blur" in kinds else None
     for k in kinds:
-        if k == "crop":
-            out[k] = [crop_view(image, b) for b in boxes]
-        elif k == "blur":
-            out[k] = [blur_view(image, b, blurred=blurred) for b in boxes]
-        else:
-            out[k] = [circle_view(image, b) for b in boxes]
+        out[k] = [render_view(k, image, b, blurred) for b in boxes]
     return out

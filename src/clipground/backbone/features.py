@@ -1,0 +1,252 @@
+"""What the methods read from CLIP: proposal-view features, dense patch tokens, text features.
+
+Every method and the feature cache compute CLIP features through these functions, so a
+method run live and a method trained from cached features see the same numbers, and no
+method re-implements CLIP plumbing.
+
+* **Region features** (proposal scorers): each proposal shown in isolation through the views
+  of :mod:`clipground.backbone.views`, embedded by the image tower, plus the whole image.
+* **Dense features** (fusion regressor, locator): the image padded to a square
+  (:mod:`clipground.backbone.geometry`), optionally encoded at a finer patch grid
+  (:class:`DenseView`: ``tiles`` or ``input_size``), giving per-patch tokens and per-patch
+  joint-space embeddings (the last layer's, or the MaskCLIP value path).
+* **Text features**: pooled embeddings and token states of phrases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import ConfigError
+from .clip import DENSE_EMBEDS, ClipBackbone, TextFeatures
+from .geometry import InputGeometry, clip_square_input, crop_fraction, square_geometry
+from .views import render_views
+
+# --------------------------------------------------------------------------- region features
+
+
+def view_embeddings(backbone: ClipBackbone, image: Image.Image, boxes: torch.Tensor,
+                    views: Sequence[str]) -> torch.Tensor:
+    """``(V, K, D)`` normalized embeddings of every view kind of every box (views only, batched)."""
+    views = tuple(views)
+    rendered = render_views(image, boxes, views)
+    imgs = [im for k in views for im in rendered[k]]
+    emb = backbone.encode_images(imgs).embeds if imgs else torch.zeros(0, backbone.embed_dim)
+    return emb.reshape(len(views), len(boxes), backbone.embed_dim)
+
+
+def region_features(backbone: ClipBackbone, image: Image.Image, boxes: torch.Tensor, views: Sequence[str],
+                    patches: bool = False) -> dict[str, torch.Tensor]:
+    """CLIP features of one image and its proposals: ``view_embeds (V, K, D)``, ``image_embed (D,)``
+    and, with ``patches``, ``patch_embeds (P, D)``.
+
+    The whole image and all views go through one :meth:`ClipBackbone.encode_images` call per
+    image, so the values do not depend on which other images are processed alongside (the
+    feature cache stores exactly these).
+    """
+    views = tuple(views)
+    k = int(len(boxes))
+    rendered = render_views(image, boxes, views) if k else {v: [] for v in views}
+    f = backbone.encode_images([image] + [im for v in views for im in rendered[v]])
+    out = {"image_embed": f.embeds[0], "view_embeds": f.embeds[1:].reshape(len(views), k, f.embeds.shape[-1])}
+    if patches:
+        out["patch_embeds"] = f.patch_embeds[0]
+    return out
+
+
+def _name(backbone: ClipBackbone | str) -> str:
+    return backbone if isinstance(backbone, str) else backbone.name
+
+
+def region_feature_key(backbone: ClipBackbone | str, views: Sequence[str]) -> dict[str, Any]:
+    """Identifies states holding :func:`region_features` (what a cached state is checked against)."""
+    return {"kind": "regions", "views": list(views), "backbone": _name(backbone)}
+
+
+# --------------------------------------------------------------------------- dense features
+
+
+@dataclass(frozen=True)
+class DenseView:
+    """How a dense method sees the image: the patch grid and which joint-space patch embeddings.
+
+    Attributes:
+        tiles: ``t > 1`` also encodes ``t x t`` tiles at the native resolution and re-assembles
+            their patch tokens into one ``t``-times finer grid.
+        input_size: ``S > 0`` encodes the whole square at ``S x S`` pixels with interpolated
+            position embeddings instead (0: the checkpoint's own size).
+        dense: ``final`` (last layer's patch tokens, projected) or ``value`` (MaskCLIP value path).
+    """
+
+    tiles: int = 1
+    input_size: int = 0
+    dense: str = "final"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tiles", max(int(self.tiles), 1))
+        object.__setattr__(self, "input_size", int(self.input_size))
+        if self.input_size < 0:
+            raise ConfigError(f"input_size must be >= 0 (0 = the checkpoint's own), got {self.input_size}")
+        if self.input_size and self.tiles > 1:
+            raise ConfigError("use either tiles > 1 or input_size, not both")
+        if self.dense not in DENSE_EMBEDS:
+            raise ConfigError(f"dense must be one of {', '.join(DENSE_EMBEDS)}, got {self.dense!r}")
+
+    @classmethod
+    def of(cls, cfg: Any) -> "DenseView":
+        """The view named by a method config's ``tiles``, ``input_size`` and ``dense`` fields."""
+        return cls(cfg.tiles, cfg.input_size, cfg.dense)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dense_feature_key(backbone: ClipBackbone | str, view: DenseView, mirrors: Sequence[str] = ()) -> dict[str, Any]:
+    """Identifies states holding :func:`dense_features` of an image (and of its ``mirrors``)."""
+    return {"kind": "dense", **view.to_dict(), "mirrors": list(mirrors), "backbone": _name(backbone)}
+
+
+def grid_shape(num_patches: int) -> tuple[int, int]:
+    """``(h, w)`` of a row-major patch grid of ``num_patches`` cells (square when it can be)."""
+    side = int(round(num_patches ** 0.5))
+    return (side, side) if side * side == num_patches else (1, num_patches)
+
+
+def patch_grid(backbone: ClipBackbone, view: DenseView) -> tuple[int, int]:
+    """``(h, w)`` of the patch grid :func:`dense_features` gives, from the backbone's config."""
+    vc = backbone.model.config.vision_config
+    if view.input_size:
+        return view.input_size // int(vc.patch_size), view.input_size // int(vc.patch_size)
+    side = int(vc.image_size) // int(vc.patch_size) * view.tiles
+    return side, side
+
+
+def dense_geometry(backbone: ClipBackbone, size: tuple[int, int], view: DenseView) -> InputGeometry:
+    """The :class:`InputGeometry` of an image of ``size`` under ``view`` (no pixels needed)."""
+    fraction = 1.0 if view.input_size else crop_fraction(backbone.processor.image_processor)
+    return square_geometry(int(size[0]), int(size[1]), fraction)
+
+
+def square_views(backbone: ClipBackbone, image: Image.Image, view: DenseView
+                 ) -> tuple[list[Image.Image], InputGeometry]:
+    """The padded square and, with ``view.tiles > 1``, its ``tiles x tiles`` tiles (row-major).
+
+    Each tile is cut so that what the processor keeps after its centre crop is exactly the
+    tile (enlarged by ``1 / crop_fraction`` around the tile centre, padded with the mean
+    colour), so the tiles' patch grids abut into one ``tiles``-times finer grid. With
+    ``input_size`` the square is resized whole (no crop), so its geometry keeps all of it.
+    """
+    tiles = view.tiles
+    sq, geom = clip_square_input(backbone, image, whole=bool(view.input_size))
+    if tiles <= 1 or view.input_size:
+        return [sq], geom
+    side = sq.size[0]
+    frac = crop_fraction(backbone.processor.image_processor)
+    half = side / tiles / 2 / frac
+    fill = tuple(int(round(255 * c)) for c in (getattr(backbone.processor.image_processor, "image_mean", None)
+                                                 or (0.5, 0.5, 0.5)))
+    m = int(half) + 2
+    canvas = Image.new("RGB", (side + 2 * m, side + 2 * m), fill)
+    canvas.paste(sq, (m, m))
+    out = [sq]
+    for i in range(tiles):
+        for j in range(tiles):
+            cx, cy = (j + 0.5) * side / tiles + m, (i + 0.5) * side / tiles + m
+            out.append(canvas.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half))))
+    return out, geom
+
+
+def dense_features(backbone: ClipBackbone, images: Sequence[Image.Image], view: DenseView) -> dict[str, Any]:
+    """Frozen CLIP features of padded-square images for the dense methods (one pass for all views).
+
+    Returns ``{"img_embed": (N, D), "patches": (N, P, Dv), "patch_embeds": (N, P, D),
+    "grid": (H, W), "geometry": [InputGeometry] * N}``; ``img_embed`` is always the whole
+    square's.
+    """
+    crops, geoms = [], []
+    for im in images:
+        v, g = square_views(backbone, im, view)
+        crops += v
+        geoms.append(g)
+    f = backbone.encode_images(crops, size=view.input_size or None, dense=view.dense)
+    n, per = len(images), len(crops) // max(len(images), 1)
+    gh, gw = f.grid
+    tiles = view.tiles
+
+    def assemble(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(n, per, *x.shape[1:])
+        if tiles <= 1 or view.input_size:
+            return x[:, 0]
+        t = x[:, 1:].reshape(n, tiles, tiles, gh, gw, -1).permute(0, 1, 3, 2, 4, 5)
+        return t.reshape(n, tiles * gh * tiles * gw, -1)
+
+    k = 1 if view.input_size else tiles
+    return {"img_embed": f.embeds.reshape(n, per, -1)[:, 0], "patches": assemble(f.patch_tokens),
+            "patch_embeds": assemble(f.patch_embeds), "grid": (gh * k, gw * k), "geometry": geoms}
+
+
+def select_image(f: dict[str, Any], i: int) -> dict[str, Any]:
+    """Image ``i`` of a batch from :func:`dense_features` (the shared ``grid`` kept as is)."""
+    return {k: v if k == "grid" else v[i] for k, v in f.items()}
+
+
+def patch_text_similarity(patch_embeds: torch.Tensor, txt_embed: torch.Tensor) -> torch.Tensor:
+    """Per-patch CLIP similarity to the phrase, raw and standardized over the image: ``(B, P, 2)``.
+
+    The cosine of each projected patch with the phrase embedding is CLIP's own dense
+    phrase-conditioned signal; handing it to a dense head as a feature lets training start
+    from "where CLIP thinks the phrase is" instead of discovering cross-modal matching alone.
+    """
+    sim = torch.einsum("bpd,bd->bp", F.normalize(patch_embeds.float(), dim=-1), F.normalize(txt_embed.float(), dim=-1))
+    z = (sim - sim.mean(1, keepdim=True)) / (sim.std(1, keepdim=True) + 1e-4)
+    return torch.stack([sim, z], -1)
+
+
+# --------------------------------------------------------------------------- text features
+
+
+def encode_phrases(backbone: ClipBackbone, phrases: Sequence[str], prompt: str = "{}") -> TextFeatures:
+    """Text features (pooled embedding, token states, mask, word embeddings) of the prompted phrases."""
+    return backbone.encode_texts([prompt.format(p) for p in phrases])
+
+
+def text_features(backbone: ClipBackbone, texts: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Pooled text embeddings ``(N, D)`` and each text's token states ``(L_i, Dt)`` (padding removed)."""
+    if not texts:
+        return torch.zeros(0, backbone.embed_dim), []
+    f = backbone.encode_texts(list(texts))
+    lengths = f.mask.sum(1).tolist()
+    return f.embeds, [f.tokens[i, : int(n)] for i, n in enumerate(lengths)]
+
+
+def too_long(backbone: ClipBackbone, texts: Sequence[str]) -> list[bool]:
+    """Which texts exceed the backbone's text context (those cannot be encoded)."""
+    if not texts:
+        return []
+    ids = backbone.processor.tokenizer(list(texts))["input_ids"]
+    return [len(x) > backbone.max_text_tokens for x in ids]
+
+
+__all__ = [
+    "DenseView",
+    "dense_feature_key",
+    "dense_features",
+    "dense_geometry",
+    "encode_phrases",
+    "grid_shape",
+    "patch_grid",
+    "patch_text_similarity",
+    "region_feature_key",
+    "region_features",
+    "select_image",
+    "square_views",
+    "text_features",
+    "too_long",
+    "view_embeddings",
+]
