@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.synthetic import SceneObject, WorldConfig, ensure_world, load_scene_objects, load_world_config
+from ..data.world import SceneObject, WorldConfig, ensure_world, load_scene_objects, load_world_config
 from ..errors import ClipgroundError
 from ..imageops import VIEW_KINDS, blur_image, blur_view, circle_view, crop_view
 from .config import ConfigError, TrainConfig, load_config, to_dict
@@ -106,7 +106,7 @@ class EvalConfig:
 @dataclass
 class PretrainConfig:
     """Everything ``clipground pretrain`` needs; YAML sections ``train``, ``model``, ``data``,
-    ``world`` (a :class:`~clipground.data.synthetic.WorldConfig`, used when the world must be
+    ``world`` (a :class:`~clipground.data.world.WorldConfig`, used when the world must be
     generated) and ``eval``."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
