@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torchvision.ops import box_iou
 
-from clipground.data.synthetic import SceneObject, load_scene_objects, parse_expression
+from clipground.data.world import SceneObject, load_scene_objects, parse_expression
 
 #: Opposite words whose token states ``--words`` compares (as in "the leftmost hexagon").
 OPPOSITES = [("leftmost", "rightmost"), ("topmost", "bottommost"), ("left", "right"), ("biggest", "smallest")]
@@ -31,7 +31,7 @@ def analyse(predictions: list[dict], records: list[dict], scenes: dict[str, list
     """``{"relation": {(type, relation): [hits, n]}, "candidates": {(type, n): [hits, n]},
     "misses": {(type, kind): count}}`` for predictions with ``index`` (the record's line in the
     split file; ``ref_id`` is shared by the expressions of one object) and ``box``; ``scenes``
-    from :func:`~clipground.data.synthetic.load_scene_objects`."""
+    from :func:`~clipground.data.world.load_scene_objects`."""
     by_rel: dict = defaultdict(lambda: [0, 0])
     by_n: dict = defaultdict(lambda: [0, 0])
     misses: Counter = Counter()

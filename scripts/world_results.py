@@ -45,7 +45,7 @@ import yaml
 from rich.console import Console
 
 from clipground.data.jsonl import read_jsonl
-from clipground.data.synthetic import TYPES, WorldConfig, ensure_world, load_world_config
+from clipground.data.world import TYPES, WorldConfig, ensure_world, load_world_config
 from clipground.errors import ClipgroundError
 from clipground.evaluation import EvalResult, evaluate, load_result, write_report
 from clipground.evaluation.report import format_value

@@ -18,7 +18,7 @@ spec.loader.exec_module(we)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from clipground.data.synthetic import WorldConfig, generate_world
+    from clipground.data.world import WorldConfig, generate_world
 
     root = tmp_path_factory.mktemp("world_errors")
     generate_world(root / "world", WorldConfig(n_train=0, n_val=0, n_test=40, n_compositional=0), progress=False)
@@ -27,7 +27,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_misses_are_sorted_by_what_the_box_landed_on(world: Path, tmp_path: Path, capsys) -> None:
     records = [json.loads(x) for x in (world / "test.jsonl").read_text().splitlines()]
-    from clipground.data.synthetic import load_scene_objects, parse_expression
+    from clipground.data.world import load_scene_objects, parse_expression
 
     scenes = load_scene_objects(world, "test")
     perfect = [{"index": i, "expression": r["expression"], "box": r["box"]} for i, r in enumerate(records)]

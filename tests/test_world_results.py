@@ -30,7 +30,7 @@ README = "# project\n\nintro\n\n<!-- RESULTS -->\n\n## Python\n\nmore text\n"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> dict:
     """A tiny world, a saved 'trained' entry (zero-shot on the tiny CLIP), a config and a README."""
-    from clipground.data.synthetic import WorldConfig, generate_world
+    from clipground.data.world import WorldConfig, generate_world
     from clipground.grounder import Grounder
 
     root = tmp_path_factory.mktemp("world_results")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from clipground.data.synthetic import WorldConfig, generate_world, load_scene_objects
+from clipground.data.world import WorldConfig, generate_world, load_scene_objects
 from clipground.training import checkpoint as C
 from clipground.training.config import ConfigError
 from clipground.training.pretrain import (

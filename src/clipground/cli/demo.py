@@ -31,7 +31,7 @@ def demo(
     """Ground phrases on generated scenes with the bundled model; write PNGs and JSON."""
     from .. import boxes as B
     from ..data.jsonl import read_jsonl
-    from ..data.synthetic import WorldConfig, ensure_world
+    from ..data.world import WorldConfig, ensure_world
     from ..grounder import Grounder
     from ..viz import draw_prediction
 

@@ -26,7 +26,7 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Generate the synthetic referring-expression world (images, JSONL, COCO, world.json)."""
-    from ..data.synthetic import SPLITS, WorldConfig, ensure_world, generate_world, load_world_config
+    from ..data.world import SPLITS, WorldConfig, ensure_world, generate_world, load_world_config
 
     cfg = WorldConfig(
         seed=seed,
@@ -72,7 +72,7 @@ def show(
     from PIL import Image
 
     from ..data.jsonl import read_jsonl
-    from ..data.synthetic import SPLITS
+    from ..data.world import SPLITS
 
     if split not in SPLITS:
         raise BadAnnotationError(f"unknown split {split!r} (use one of {', '.join(SPLITS)})")

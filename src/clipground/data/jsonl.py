@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from .. import boxes as B
 from ..errors import BadAnnotationError
+from ..io import atomic_write
 from .records import GroundingRecord
 
 _FORMATS = {"xyxy": lambda b: B.as_boxes(b), "xywh": B.from_xywh, "cxcywh": B.from_cxcywh}
@@ -57,20 +57,11 @@ def read_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = N
 def write_jsonl(
     records: Iterable[GroundingRecord], path: str | os.PathLike, relative_to: str | os.PathLike | None = None
 ) -> None:
-    """Write records atomically (temp file + rename); image paths relative to ``relative_to``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                d = r.to_json()
-                if relative_to is not None:
-                    d["image"] = os.path.relpath(d["image"], relative_to)
-                f.write(json.dumps(d, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write records atomically (:func:`clipground.io.atomic_write`); image paths relative to ``relative_to``."""
+    lines: list[str] = []
+    for r in records:
+        d = r.to_json()
+        if relative_to is not None:
+            d["image"] = os.path.relpath(d["image"], relative_to)
+        lines.append(json.dumps(d, sort_keys=True) + "\n")
+    atomic_write(path, "".join(lines))

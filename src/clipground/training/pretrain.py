@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.synthetic import SceneObject, WorldConfig, ensure_world, load_scene_objects, load_world_config
 from ..backbone.views import VIEW_KINDS, blur_image, render_view
+from ..data.world import SceneObject, WorldConfig, ensure_world, load_scene_objects, load_world_config
 from ..errors import ClipgroundError, ConfigError
 from ..io import atomic_dir
 from ..options import to_dict
@@ -113,8 +113,8 @@ class EvalConfig:
 @dataclass
 class PretrainConfig(RecipeConfig):
     """Everything ``clipground pretrain`` needs: the recipe schema's ``train``, ``model``, ``data``
-    and ``loss`` sections, plus ``world`` (a world config, used when the world must be generated)
-    and ``eval``."""
+    and ``loss`` sections, plus ``world`` (a :class:`~clipground.data.world.WorldConfig`, used when
+    the world must be generated) and ``eval``."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         output_dir="runs/pretrain_world_clip", batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=50,

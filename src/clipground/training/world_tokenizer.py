@@ -20,7 +20,7 @@ EOS = "<|endoftext|>"
 
 def world_words() -> list[str]:
     """Every word the world's templates and the pretraining captions use."""
-    from ..data.synthetic import COLOUR_NAMES, SHAPES, SIZES, TEMPLATES
+    from ..data.world import COLOUR_NAMES, SHAPES, SIZES, TEMPLATES
 
     words = set(SHAPES) | set(COLOUR_NAMES) | set(SIZES)
     for temps in TEMPLATES.values():

@@ -47,7 +47,7 @@ from . import (CachedRecipeConfig, LossConfig, TrainArgs, check_batch, load_back
 def _decode_segmentation(seg: Any, h: int, w: int) -> np.ndarray | None:
     """COCO segmentation (uncompressed RLE or polygons) -> bool mask; ``None`` if unsupported."""
     if isinstance(seg, dict) and isinstance(seg.get("counts"), list):
-        from ...data.synthetic import rle_decode
+        from ...data.world import rle_decode
 
         return rle_decode(seg)
     if isinstance(seg, list) and seg:
