@@ -33,6 +33,7 @@ from clipground.methods.trained_scorers import collate_feature_items
 from clipground.proposals import get_proposals
 from clipground.testing import make_clip_b32, make_tiny_clip
 from clipground.training.recipes.scorers import FeatureDataset, LiveFeatures, classifier_loss, ranking_loss
+from clipground.io import write_json
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 230), "yellow": (240, 220, 40)}
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<18}{r['images']:>7}{r['cache_build_s']:>9.2f}{r['cache_epoch_s']:>12.4f}{r['live_epoch_s']:>11.3f}"
               f"{r['speedup']:>8.1f}x", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows, sort_keys=False)
     return 0
 
 

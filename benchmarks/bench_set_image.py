@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -44,6 +43,7 @@ from clipground.images import load_image
 from clipground.methods.zero_shot import ZeroShotConfig, ZeroShotScorer
 from clipground.proposals import SelectiveSearch
 from clipground.testing import make_clip_b32
+from clipground.io import write_json
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PHOTO = REPO.parent / "shared" / "data" / "coco128" / "train2017" / "000000000009.jpg"
@@ -195,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speedup naive / predict: {speedup:.1f}x (need >= {MIN_SPEEDUP:.0f}x): {'PASS' if ok else 'FAIL'}")
     print(f"peak Python memory (tracemalloc): {py_peak / 2**20:.1f} MiB; process max RSS: {rss / 2**20:.0f} MiB")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, args.json)
+        write_json(args.json, res, sort_keys=False)
         print(f"wrote {args.json}")
     return 0 if ok else 1
 

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from clipground.backbone import ClipBackbone
+from clipground.backbone.features import DenseView, dense_features
 from clipground.data.loaders import load_records
 from clipground.images import load_image
-from clipground.backbone.features import DenseView, dense_features
 
 
 def cell_touches(box: list[float], i: int, j: int, gh: int, gw: int, side: float) -> bool:

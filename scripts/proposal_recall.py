@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -27,6 +26,7 @@ from clipground import boxes as B
 from clipground.errors import ClipgroundError
 from clipground.images import load_image
 from clipground.proposals import SelectiveSearch
+from clipground.io import write_json
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coco128"
 ALL = 10**9  # "every proposal" as a K
@@ -147,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"skipped {len(skipped)} unreadable images: {skipped[:3]}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, args.json)
+        write_json(args.json, res, sort_keys=False)
         print(f"wrote {args.json}")
     return 0
 

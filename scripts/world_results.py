@@ -32,11 +32,9 @@ import json
 import os
 import re
 import shlex
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from clipground.data.world import TYPES, WorldConfig, ensure_world, load_world_c
 from clipground.errors import ClipgroundError
 from clipground.evaluation import EvalResult, evaluate, load_result, write_report
 from clipground.evaluation.report import format_value
+from clipground.io import atomic_write, save_figure
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = Path("configs/world_results.yaml")
@@ -203,26 +202,6 @@ def fingerprint(entry: Entry, split: str, world: Path, limit: int | None, backbo
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-# --------------------------------------------------------------------------- atomic files
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write ``path`` through a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomic text write."""
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 # --------------------------------------------------------------------------- evaluation
 @dataclass
 class Outcome:
@@ -320,7 +299,7 @@ def run_entry(entry: Entry, splits: Sequence[str], world: Path, out: Path, build
             res = evaluate(grounder, records, progress=progress, label=entry.name)
             d = _report_dir(out, entry, split)
             write_report(res, d, plots=plots)
-            write_text(d / "fingerprint.json", json.dumps({"fingerprint": fp}) + "\n")
+            atomic_write(d / "fingerprint.json", json.dumps({"fingerprint": fp}) + "\n")
             outcome.results[split], outcome.reused[split], outcome.reports[split] = res, False, d
             failed = res.counts.get("failed_items", 0)
             console.print(f"  {split}: Acc@0.5 {format_value('acc@0.5', res.metrics['acc@0.5'])} "
@@ -408,7 +387,7 @@ def plot_results(rows: Sequence[dict[str, Any]], splits: Sequence[str], path: Pa
         fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles],
                    loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(names)), fontsize=8, frameon=False)
     try:
-        _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        save_figure(fig, path, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
@@ -566,7 +545,7 @@ def _main(args: argparse.Namespace, argv: list[str], console: Console) -> int:
             src = o.curve.resolve()
             if src not in copies:
                 copies[src] = out / f"learning_curve_{o.entry.slug}.png"
-                _atomic(copies[src], lambda tmp, src=src: shutil.copyfile(src, tmp))
+                atomic_write(copies[src], src.read_bytes())
             curves[o.entry.name] = copies[src]
     listed: dict[Path, str] = {}  # each copy listed once, under its first entry
     for n, p in curves.items():
@@ -578,7 +557,7 @@ def _main(args: argparse.Namespace, argv: list[str], console: Console) -> int:
     description = world_description(world, splits, args.limit, backbones)
     md = render_section(rows, outcomes, heading="# Results in the synthetic world", description=description,
                         command=command, png=png.name, curves={n: p.name for p, n in listed.items()})
-    write_text(out / "world_results.md", md + "\n")
+    atomic_write(out / "world_results.md", md + "\n")
     total = round(time.perf_counter() - t0, 2)
     summary = {
         "command": command,
@@ -598,7 +577,7 @@ def _main(args: argparse.Namespace, argv: list[str], console: Console) -> int:
         } for o in outcomes],
         "table": rows,
     }
-    write_text(out / "world_results.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write(out / "world_results.json", json.dumps(summary, indent=2, default=str) + "\n")
 
     if args.update_readme:
         readme: Path = args.readme
@@ -610,7 +589,7 @@ def _main(args: argparse.Namespace, argv: list[str], console: Console) -> int:
         block = render_section(rows, outcomes, heading="## Results in the synthetic world", description=description,
                                command=command, png=_rel(png, base),
                                curves={n: _rel(p, base) for p, n in listed.items()})
-        write_text(readme, replace_readme_block(text, block))
+        atomic_write(readme, replace_readme_block(text, block))
         console.print(f"updated {readme}")
 
     print(results_table(rows) if rows else "(no results)", flush=True)

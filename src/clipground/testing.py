@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from .io import atomic_write
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte-to-printable-character table (the standard reversible mapping)."""
@@ -38,8 +40,8 @@ def write_char_tokenizer(path: str | os.PathLike, max_length: int = 32):
         vocab[c + "</w>"] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
+    atomic_write(path / "vocab.json", json.dumps(vocab))
+    atomic_write(path / "merges.txt", "#version: 0.2\n")
     tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=max_length)
     return tok
 

@@ -7,7 +7,6 @@ boxes and scores.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,6 +32,7 @@ def demo(
     from ..data.jsonl import read_jsonl
     from ..data.world import WorldConfig, ensure_world
     from ..grounder import Grounder
+    from ..io import save_image, write_json
     from ..viz import draw_prediction
 
     quiet_transformers()
@@ -65,10 +65,10 @@ def demo(
             table.add_row(Path(image).stem, p.phrase, ", ".join(f"{v:.0f}" for v in p.box), f"{p.score:.3f}", f"{iou:.2f}")
             results.append({"image": image, **p.to_dict(top_k=3), "target": r.box, "iou": round(iou, 4), "type": r.meta.get("type")})
         png = out / f"scene_{Path(image).stem}.png"
-        canvas.save(png)
+        save_image(canvas, png)
         written.append(png)
-    (out / "predictions.json").write_text(json.dumps({"backbone": backbone, "method": "zero-shot", "proposals": proposals,
-                                                       "predictions": results}, indent=2))
+    write_json(out / "predictions.json", {"backbone": backbone, "method": "zero-shot", "proposals": proposals,
+                                          "predictions": results}, sort_keys=False)
     console.print(table)
     console.print(f"{hits}/{len(results)} phrases grounded with IoU >= 0.5 "
                   f"(model load {t_load - t0:.1f} s, total {time.perf_counter() - t0:.1f} s)")

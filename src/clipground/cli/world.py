@@ -96,8 +96,9 @@ def show(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    from ..io import save_figure
+
+    save_figure(fig, out, dpi=100)
     typer.echo(f"wrote {out}")
 
 

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import ClipBackbone, TextFeatures

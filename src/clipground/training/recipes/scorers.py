@@ -57,7 +57,6 @@ from ...methods.trained_scorers import (
 )
 from ...options import to_dict
 from ...relations import parse
-from ..config import TrainConfig
 from ..losses import multi_positive_ce
 from ..validation import validation_fn
 from . import (CacheOptions, CachedRecipeConfig, DataConfig, TrainArgs, check_batch, load_backbone, load_recipe_config, load_split,
