@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..io import atomic_write, save_figure
 from . import checkpoint as C
 from .config import TrainConfig, to_dict, validate_train_config
 
@@ -119,11 +120,8 @@ def plot_learning_curve(metrics_path: str | os.PathLike, out_png: str | os.PathL
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=8)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(C.TMP_PREFIX + out_png.name)
-    fig.savefig(tmp, dpi=100, format="png")
+    save_figure(fig, out_png, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
 
 
@@ -233,7 +231,7 @@ class Trainer:
             return
         keep = [line for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        C.atomic_write_text(path, "".join(line + "\n" for line in keep))
+        atomic_write(path, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, acc: Any, optimizer: Any, scheduler: Any, step: int, epoch: int, batches_done: int,
@@ -324,7 +322,7 @@ class Trainer:
                     shutil.rmtree(self.output_dir / C.CHECKPOINT_DIR)
             import yaml
 
-            C.atomic_write_text(self.output_dir / "train_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            atomic_write(self.output_dir / "train_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         acc.wait_for_everyone()
 
         named = self._trainable()

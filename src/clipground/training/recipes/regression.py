@@ -508,7 +508,7 @@ def save_final(method: torch.nn.Module, out: str | os.PathLike, result: Any) -> 
     Grounder(method).save_pretrained(final)
     summary = {"step": result.step, "finished": result.finished, "train": result.last_metrics,
                "val": result.last_eval, "wall_time_s": result.wall_time_s}
-    from ..checkpoint import atomic_write_text
+    from ...io import atomic_write as atomic_write_text
 
     atomic_write_text(Path(out) / "final_metrics.json", json.dumps(summary, indent=2, default=float))
     return final

@@ -536,7 +536,7 @@ def build_caches(args: TrainArgs, cfg: Any, backbone: ClipBackbone, train_record
 
 def _train_scorer(args: TrainArgs) -> Path:
     from ...grounder import Grounder
-    from ..checkpoint import atomic_write_text
+    from ...io import atomic_write as atomic_write_text
     from ..trainer import Trainer
 
     cfg = load_recipe_config(args.method, args.config, args.overrides)
