@@ -40,3 +40,8 @@ class UnknownNameError(ClipgroundError):
 
 class ConfigError(ClipgroundError):
     """A configuration file or option is malformed (unknown key, bad value, bad type)."""
+
+
+class UnsafeFileError(ClipgroundError, ValueError):
+    """A file we were asked to read is a pickle that would run code (or build objects
+    beyond plain data) when loaded; it is refused, never unpickled in full."""

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .backbone import DEFAULT_BACKBONE, ClipBackbone
-from .backbone.clip import check_phrase
+from .phrases import check_phrase
 from .errors import CheckpointNotFoundError, ClipgroundError
 from .images import ImageInput, load_image
 from .io import atomic_dir, write_json

@@ -1,7 +1,9 @@
 """Image input: one loader that accepts what users pass and rejects what it cannot read.
 
-Accepts a path, a PIL image, a numpy array (HxW, HxWx3, HxWx4; uint8, uint16 or float in
-[0, 1]) or a torch tensor (CxHxW or HxWxC). Returns an RGB ``PIL.Image`` in its displayed
+Accepts a path, a PIL image, a numpy array (HxW, HxWx3, HxWx4; uint8, uint16, bool or float
+in [0, 1]) or a torch tensor (CxHxW or HxWxC; any float dtype, bfloat16 and float16
+included). A float array with values outside [0, 1] (e.g. 0-255 floats) is refused rather
+than clipped to a white image. Returns an RGB ``PIL.Image`` in its displayed
 orientation (EXIF rotation applied), so every box inside clipground refers to what a
 person sees. CMYK, 16-bit, palette, grayscale and alpha images are converted; truncated,
 unreadable and oversized images raise :class:`~clipground.errors.BadImageError`.
@@ -23,6 +25,8 @@ from .errors import BadImageError
 #: Largest accepted image, in pixels (width x height). Larger images are refused rather
 #: than silently decoding hundreds of megabytes; resize them first.
 MAX_PIXELS = 64_000_000
+#: Float pixels may overshoot [0, 1] by this much (rounding in the user's own arithmetic).
+FLOAT_TOLERANCE = 1e-3
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
@@ -39,11 +43,18 @@ def _from_array(a: np.ndarray) -> Image.Image:
     elif np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all():
             raise BadImageError("image array has NaN or infinite values")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo < -FLOAT_TOLERANCE or hi > 1.0 + FLOAT_TOLERANCE:
+            raise BadImageError(
+                f"float image array has values in [{lo:g}, {hi:g}], but float pixels must lie in [0, 1]: "
+                f"divide by 255 (or pass a uint8 array)"
+            )
         a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     elif a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     elif a.dtype != np.uint8:
-        raise BadImageError(f"unsupported image array dtype {a.dtype}")
+        raise BadImageError(f"unsupported image array dtype {a.dtype}: pass uint8 (0-255), uint16 or float in [0, 1] "
+                            f"(e.g. a.astype(np.uint8) for integers in 0-255)")
     return Image.fromarray(np.ascontiguousarray(a))
 
 
@@ -54,8 +65,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray((np.clip(a / hi, 0, 1) * 255 + 0.5).astype(np.uint8))
     elif img.mode == "F":
+        # PIL's own float images are 0-255 (``convert("F")``); 0-1 ones are scaled up.
         a = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8))
+        hi = 255.0 if a.size and np.nanmax(a) > 1.0 + FLOAT_TOLERANCE else 1.0
+        img = Image.fromarray((np.clip(np.nan_to_num(a) / hi, 0, 1) * 255 + 0.5).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -111,7 +124,10 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise BadImageError(f"cannot decode image: truncated or corrupt ({e})") from None
         img = ImageOps.exif_transpose(image) or image
     elif isinstance(image, torch.Tensor):
-        img = _from_array(image.detach().cpu().numpy())
+        t = image.detach().cpu()
+        if t.is_floating_point():  # numpy has no bfloat16; float32 holds every float16/bfloat16 value
+            t = t.float()
+        img = _from_array(t.numpy())
     elif isinstance(image, np.ndarray):
         img = _from_array(image)
     else:

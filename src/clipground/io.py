@@ -7,10 +7,12 @@ so a run killed at any moment leaves the old file or the new one, never half of 
 result gets the permissions of a normally created file (``mkstemp`` would leave 0600).
 
 Reading: pickles run code when they are unpickled, so a file we did not write is never
-given to :mod:`pickle` or ``torch.load(weights_only=False)``. :func:`load_torch_data` uses
-torch's restricted ``weights_only`` unpickler (tensors, containers, numbers, strings);
-:func:`load_pickle_data` a restricted unpickler that builds only plain containers,
-numbers and strings (what refer's ``refs(*).p`` holds).
+given to :mod:`pickle` or to ``torch.load`` without ``weights_only``.
+:func:`load_torch_data` uses torch's restricted ``weights_only`` unpickler (tensors,
+numeric numpy arrays, containers, numbers, strings); :func:`load_pickle_data` a restricted
+unpickler that builds only plain containers, numbers and strings (what refer's
+``refs(*).p`` holds). Both refuse anything else with
+:class:`~clipground.errors.UnsafeFileError`, which names the file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import io as _stdio
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,11 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import UnsafeFileError
+
 TMP_PREFIX = ".tmp-"
-
-
-class UnsafeFileError(ValueError):
-    """A pickle asked to build an object outside the allowed plain types."""
 
 
 def _umask() -> int:
@@ -132,33 +133,47 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     Used for saved models (``save_pretrained``) and training checkpoints: readers see the
     old folder or the complete new one. Files inside get normal permissions and are synced
-    before the rename.
+    before the rename (see :func:`replace_dir`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=TMP_PREFIX + path.name + "."))
     try:
         yield tmp
-        mode = file_mode()
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                os.chmod(f, mode)
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())
-        _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f"{TMP_PREFIX}{path.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Put the finished folder ``tmp`` (a sibling of ``path``) in place of ``path`` in one rename.
+
+    Every file in ``tmp`` gets normal permissions and is synced first. An existing ``path``
+    is moved aside under a :data:`TMP_PREFIX` name, then removed, so at every moment
+    ``path`` is the old folder or the complete new one. For writers that must name their
+    temp folder themselves (several processes of a training run write into one), else use
+    :func:`atomic_dir`.
+    """
+    tmp, path = Path(tmp), Path(path)
+    mode = file_mode()
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            os.chmod(f, mode)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    os.chmod(tmp, 0o777 & ~_umask())
+    _fsync_dir(tmp)
+    old = None
+    if path.exists():
+        old = path.with_name(f"{TMP_PREFIX}{path.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 # --------------------------------------------------------------------------- safe reading
@@ -171,27 +186,39 @@ _SAFE_GLOBALS = {
 }
 
 
+class _Forbidden(Exception):
+    """Raised inside the unpickler when a pickle names a global outside the allowed plain types."""
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Builds lists, dicts, tuples, sets, strings, bytes and numbers; refuses every other global."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        raise UnsafeFileError(f"the pickle asks to build {module}.{name}, which a plain-data file never needs")
+        raise _Forbidden(f"{module}.{name}")
 
 
-def load_pickle_data(path: str | os.PathLike) -> Any:
+def _refusal(path: str | os.PathLike, what: str, reason: str) -> UnsafeFileError:
+    return UnsafeFileError(f"{path} is not a plain-data {what} (it asks to {reason}); refusing to load it")
+
+
+def load_pickle_data(path: str | os.PathLike, what: str = "file") -> Any:
     """Unpickle a plain-data file (Python 2 or 3) without running any code from it.
 
     Python 2 byte strings are read as latin-1 and repaired to UTF-8 text. Raises
-    :class:`UnsafeFileError` when the pickle names anything but plain types, and
+    :class:`UnsafeFileError` (naming the file, ``what`` it should have been and the global
+    it asked for) when the pickle names anything but plain types, and
     :class:`pickle.UnpicklingError` / ``EOFError`` / ``ValueError`` for a corrupt file.
     """
     raw = Path(path).read_bytes()
     try:
-        return _PlainUnpickler(_stdio.BytesIO(raw)).load()
-    except UnicodeDecodeError:
-        return _repair_latin1(_PlainUnpickler(_stdio.BytesIO(raw), encoding="latin-1").load())
+        try:
+            return _PlainUnpickler(_stdio.BytesIO(raw)).load()
+        except UnicodeDecodeError:
+            return _repair_latin1(_PlainUnpickler(_stdio.BytesIO(raw), encoding="latin-1").load())
+    except _Forbidden as e:
+        raise _refusal(path, what, f"run code: {e}") from None
 
 
 def _repair_latin1(x: Any) -> Any:
@@ -210,15 +237,98 @@ def _repair_latin1(x: Any) -> Any:
     return x
 
 
-def load_torch_data(path: str | os.PathLike) -> Any:
+#: What torch's ``weights_only`` unpickler says when a file asks for more than plain data
+#: (other ``UnpicklingError`` s mean a corrupt file).
+_TORCH_REFUSALS = re.compile(r"GLOBAL (\S+)|Can only create new object|Trying to call reduce|Can only build")
+
+
+def _numpy_globals() -> list[Any]:
+    """What rebuilds numeric numpy arrays and scalars, under numpy 1's and 2's module names.
+
+    These only allocate an array or scalar from a dtype, a shape and raw bytes; anything
+    an array could hold beyond numbers must itself pass the restricted unpickler.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # pragma: no cover - numpy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    out: list[Any] = [np.ndarray, np.dtype]
+    out += list({type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDGUS"})  # numbers and text: no object arrays
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out += [(multiarray._reconstruct, f"{mod}._reconstruct"), (multiarray.scalar, f"{mod}.scalar")]
+    return out
+
+
+#: First object of a legacy-format (``_use_new_zipfile_serialization=False``) torch file.
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _NotPlain(Exception):
+    """The fast path cannot read this file as plain data; torch's loader must decide."""
+
+
+class _NoTensorsUnpickler(_PlainUnpickler):
+    def persistent_load(self, pid: Any) -> Any:
+        raise _NotPlain("the file holds tensors")
+
+
+def _load_legacy_plain(path: Path) -> Any:
+    """A legacy-format torch file without tensors, read by the C unpickler restricted to plain types.
+
+    That is how the published ReSC/TransVG split files are stored; torch's own restricted
+    unpickler is pure Python and about 8x slower on them. Raises :class:`_NotPlain` for
+    anything else (zip files, tensors, numpy arrays, refused or corrupt files).
+    """
+    with open(path, "rb") as f:
+        if f.read(2) == b"PK":
+            raise _NotPlain("a zip file")
+        f.seek(0)
+
+        def load() -> Any:
+            return _NoTensorsUnpickler(f, encoding="utf-8").load()
+
+        try:
+            if load() != _TORCH_LEGACY_MAGIC or load() != 1001 or not isinstance(load(), dict):
+                raise _NotPlain("not a legacy torch file")
+            data = load()
+            if load() != [] or f.read(1):  # storage keys: none without tensors
+                raise _NotPlain("the file holds tensors")
+        except _NotPlain:
+            raise
+        except Exception as e:  # _Forbidden, corrupt data, ...: torch says what is wrong
+            raise _NotPlain(str(e)) from None
+    return data
+
+
+def load_torch_data(path: str | os.PathLike, what: str = "file") -> Any:
     """``torch.load`` with the restricted ``weights_only`` unpickler (zip and legacy formats).
 
-    Tensors, lists, dicts, tuples, strings and numbers load; anything that would need code
-    from the file raises ``pickle.UnpicklingError``.
+    Tensors, numpy arrays and scalars, lists, dicts, tuples, strings and numbers load; a
+    file that would need code raises :class:`UnsafeFileError` (naming the file, ``what`` it
+    should have been and the global it asked for). Corrupt files raise torch's own errors
+    (``RuntimeError``, ``pickle.UnpicklingError``, ``EOFError``, ...).
     """
     import torch
 
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        return _load_legacy_plain(Path(path))
+    except _NotPlain:
+        pass  # tensors, numpy, a zip file, a refusal or a corrupt file: torch's loader decides
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        m = _TORCH_REFUSALS.search(text)
+        if "Weights only load failed" not in text or not m:
+            raise
+        if m.group(1):
+            reason = f"run code: {m.group(1)}"
+        else:
+            reason = "build objects beyond plain data: " + text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise _refusal(path, what, reason) from None
 
 
 __all__ = [
@@ -231,6 +341,7 @@ __all__ = [
     "json_text",
     "load_pickle_data",
     "load_torch_data",
+    "replace_dir",
     "save_figure",
     "save_image",
     "save_safetensors",

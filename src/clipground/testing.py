@@ -1,9 +1,9 @@
-"""Tiny randomly initialized CLIP checkpoints for tests and benchmarks.
+"""Test helpers: tiny randomly initialized CLIP checkpoints, and the in-process CLI runner.
 
-They go through exactly the path real checkpoints take: built with transformers,
+The checkpoints go through exactly the path real ones take: built with transformers,
 written with ``save_pretrained``, read back with ``from_pretrained``. The tokenizer is a
 byte-level CLIP BPE vocabulary without merges (every character is a token), built
-offline.
+offline. :func:`run_cli` and :func:`assert_one_error_line` are shared by the CLI tests.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from .io import atomic_write
 
@@ -101,3 +102,33 @@ def make_clip_b32(path: str | os.PathLike, seed: int = 0) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def run_cli(args: list[str], monkeypatch: Any, capsys: Any) -> tuple[int, str, str]:
+    """Run the ``clipground`` entry point in-process (pytest's ``monkeypatch`` and ``capsys``
+    fixtures); return ``(exit code, stdout, stderr)``."""
+    import sys
+
+    from .cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["clipground", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code: int | None, err: str, *needles: str) -> str:
+    """Exit code non-zero, no traceback, exactly one non-empty stderr line ``error: ...``
+    containing every ``needle``; returns that line."""
+    assert code not in (0, None), f"expected a non-zero exit, got {code}; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]

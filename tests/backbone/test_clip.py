@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from clipground.backbone import ClipBackbone, resolve_checkpoint
-from clipground.backbone.clip import check_phrase
+from clipground.phrases import check_phrase
 from clipground.errors import BadPhraseError, CheckpointNotFoundError
 
 

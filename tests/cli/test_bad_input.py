@@ -24,6 +24,7 @@ from PIL import Image
 
 from clipground.backbone.clip import DEFAULT_BACKBONE
 from clipground.images import MAX_PIXELS
+from clipground.testing import assert_one_error_line, run_cli
 
 HANG_GUARD_S = 300  # generous: a hang, not slowness, is what this catches
 
@@ -68,18 +69,6 @@ def make_inputs(d: Path) -> dict[str, Path]:
     f["no_config_dir"] = d / "not_a_checkpoint"
     f["no_config_dir"].mkdir(exist_ok=True)
     return f
-
-
-def assert_one_error_line(code: int | None, err: str, *needles: str) -> str:
-    """Exit code non-zero, no traceback, exactly one non-empty stderr line ``error: ...``."""
-    assert code not in (0, None), f"expected a non-zero exit, got {code}; stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{err}"
-    assert lines[0].startswith("error: "), lines[0]
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- subprocess cases
@@ -191,20 +180,6 @@ def test_subprocess_bad_input_all_kinds(tiny_clip_dir, tmp_path):
 # --------------------------------------------------------------------------- in-process matrix
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run the ``clipground`` entry point in-process; return ``(exit code, stdout, stderr)``."""
-    from clipground.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["clipground", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     return make_inputs(tmp_path_factory.mktemp("inputs"))
@@ -279,7 +254,7 @@ def test_cli_good_input_succeeds(inputs, tiny_clip_dir, monkeypatch, capsys):
     [("", "empty"), ("   \t\n", "empty"), ("a" * 401, "too long: 401 characters"), (None, "must be a string"), (3, "string")],
 )
 def test_check_phrase_refuses(phrase, match):
-    from clipground.backbone.clip import check_phrase
+    from clipground.phrases import check_phrase
     from clipground.errors import BadPhraseError
 
     with pytest.raises(BadPhraseError, match=match):
@@ -287,7 +262,7 @@ def test_check_phrase_refuses(phrase, match):
 
 
 def test_check_phrase_accepts_and_normalizes():
-    from clipground.backbone.clip import MAX_PHRASE_CHARS, check_phrase
+    from clipground.phrases import MAX_PHRASE_CHARS, check_phrase
 
     assert check_phrase("  the   red\tmug \n") == "the red mug"
     assert len(check_phrase("a" * MAX_PHRASE_CHARS)) == MAX_PHRASE_CHARS
@@ -300,7 +275,7 @@ def test_token_limit_is_enforced_by_the_backbone(tiny_clip_dir):
     bb = ClipBackbone.from_pretrained(tiny_clip_dir)
     limit = bb.max_text_tokens
     bb.tokenize(["x" * (limit - 2)])  # start + end tokens: exactly at the limit
-    with pytest.raises(BadPhraseError, match=f"{limit + 1} tokens, the model accepts {limit}"):
+    with pytest.raises(BadPhraseError, match=f"became {limit + 1} tokens, the limit is {limit}"):
         bb.tokenize(["x" * (limit - 1)])
     with pytest.raises(BadPhraseError):
         bb.text_embeds(["ok", "y" * (limit + 10)])  # one bad phrase in a batch is named, not truncated

@@ -15,22 +15,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from clipground.images import load_image
+from clipground.testing import run_cli
 
 PHOTO = "000000000009.jpg"  # a COCO128 photo (640x480, several objects)
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run the ``clipground`` entry point in-process; return ``(exit code, stdout, stderr)``."""
-    from clipground.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["clipground", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _inside(box, w: int, h: int) -> bool:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clipground.io import atomic_write
 from clipground.training import ConfigError, TrainConfig, Trainer, apply_overrides, load_config
 from clipground.training import checkpoint as C
 
@@ -155,10 +156,10 @@ def test_partial_checkpoint_is_ignored(tmp_path: Path) -> None:
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
     p = tmp_path / "f.txt"
-    C.atomic_write_text(p, "old")
+    atomic_write(p, "old")
 
     with pytest.raises(TypeError):
-        C.atomic_write_bytes(p, 12345)  # type: ignore[arg-type]
+        atomic_write(p, 12345)  # type: ignore[arg-type]
     assert p.read_text() == "old"
     assert [q.name for q in tmp_path.iterdir()] == ["f.txt"]
 

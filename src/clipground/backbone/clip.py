@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import BadPhraseError, CheckpointNotFoundError
+from ..phrases import check_phrase, printable
 from .hub import offline_message, resolve_checkpoint
 
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch32"
@@ -74,6 +75,23 @@ class TextFeatures:
                             None if self.words is None else self.words[ix])
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _unloadable_message(name: str, path: str, e: Exception) -> str:
+    """One line for a checkpoint transformers could not load, saying what to do about it."""
+    if "Weights only load failed" in str(e):  # torch refused a pickle that needs more than tensors
+        return (f"cannot load CLIP checkpoint '{name}': its pytorch_model.bin is a pickle holding more than "
+                f"tensors (loading it could run code), so it is refused; if you trust the file, convert it: "
+                f"load it with torch.load, save the tensors with safetensors.torch.save_file as "
+                f"model.safetensors in that directory, and remove pytorch_model.bin")
+    return (f"cannot load CLIP checkpoint '{name}' ({type(e).__name__}: {_first_line(e)}); check that {path} is "
+            f"a complete save_pretrained CLIP folder (config.json, model.safetensors, tokenizer and "
+            f"preprocessor files)")
+
+
 class ClipBackbone(nn.Module):
     """Frozen CLIP: batched image/text encoding plus the checkpoint's own preprocessing.
 
@@ -105,7 +123,9 @@ class ClipBackbone(nn.Module):
         except OSError as e:
             if local_only and not Path(path).is_dir():
                 raise CheckpointNotFoundError(offline_message(str(name_or_path))) from None
-            raise CheckpointNotFoundError(f"cannot load CLIP checkpoint '{name_or_path}': {str(e).splitlines()[0]}") from None
+            raise CheckpointNotFoundError(f"cannot load CLIP checkpoint '{name_or_path}': {_first_line(e)}") from None
+        except Exception as e:  # a broken or unsafe folder: transformers raises many types
+            raise CheckpointNotFoundError(_unloadable_message(str(name_or_path), path, e)) from None
         return cls(model.to(device), processor, name=str(name_or_path))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -214,8 +234,10 @@ class ClipBackbone(nn.Module):
             lengths = tok["attention_mask"].sum(1)
             i = int(lengths.argmax())
             raise BadPhraseError(
-                f"phrase is too long: {int(lengths[i])} tokens, the model accepts {self.max_text_tokens} "
-                f"({texts[i][:60]!r}...)"
+                f"phrase is too long for this model's tokenizer: {len(texts[i])} characters became "
+                f"{int(lengths[i])} tokens, the limit is {self.max_text_tokens} (text outside the "
+                f"tokenizer's vocabulary, e.g. another script, takes several tokens per character); "
+                f"shorten it: '{printable(texts[i][:60])}'"
             )
         return {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
 
@@ -315,19 +337,3 @@ class ClipBackbone(nn.Module):
         for t in texts:
             self._text_cache.move_to_end(t)
         return torch.stack([self._text_cache[t] for t in texts]) if texts else torch.zeros(0, self.embed_dim)
-
-
-#: Longest accepted phrase in characters (CLIP's context is 77 tokens anyway).
-MAX_PHRASE_CHARS = 400
-
-
-def check_phrase(phrase: str) -> str:
-    """Validate a referring expression: non-empty, not whitespace-only, not over-long."""
-    if not isinstance(phrase, str):
-        raise BadPhraseError(f"phrase must be a string, got {type(phrase).__name__}")
-    p = " ".join(phrase.split())
-    if not p:
-        raise BadPhraseError("phrase is empty: give a referring expression such as 'the red mug on the left'")
-    if len(p) > MAX_PHRASE_CHARS:
-        raise BadPhraseError(f"phrase is too long: {len(p)} characters, the limit is {MAX_PHRASE_CHARS}")
-    return p

@@ -2,7 +2,9 @@
 
 Each subcommand family lives in its own module with a ``register(app)`` function, listed
 in ``_COMMAND_MODULES``. User errors (:class:`~clipground.errors.ClipgroundError`) are
-printed as one line on stderr with a non-zero exit, never as a traceback.
+printed as one line on stderr with a non-zero exit, never as a traceback; control
+characters in the message (from a file name or a phrase) are shown escaped
+(:func:`~clipground.phrases.printable`), so a message cannot drive the terminal.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import typer
 
 from ..errors import ClipgroundError
+from ..phrases import printable
 
 app = typer.Typer(
     name="clipground",
@@ -48,7 +51,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except ClipgroundError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -63,6 +66,8 @@ def main() -> None:
         if isinstance(e, (click.exceptions.Exit, typer.Exit)):
             sys.exit(e.exit_code)
         if isinstance(e, (click.ClickException, TyperClickException)):
+            if isinstance(getattr(e, "message", None), str):
+                e.message = printable(e.message)  # it may quote an argument verbatim
             e.show()
             sys.exit(e.exit_code)
         if isinstance(e, (click.exceptions.Abort, typer.Abort)):

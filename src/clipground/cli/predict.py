@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ..phrases import check_phrase, printable
 from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, build_grounder
+
+
+#: What the table says for a phrase the method found no candidate for (``Prediction.fallback``).
+FALLBACK_NOTE = "no candidate: whole image"
 
 
 def predict(
@@ -24,8 +31,8 @@ def predict(
     top_k: int = typer.Option(5, "--top-k", help="Candidates listed per phrase in the JSON."),
 ) -> None:
     """Ground each phrase in IMAGE and print the box (xyxy pixels) and score."""
-    from ..backbone.clip import check_phrase
     from ..images import load_image
+    from ..io import save_image, write_json
 
     # Validate the cheap things before loading a model: bad input fails in milliseconds.
     pixels = load_image(image)
@@ -45,24 +52,29 @@ def predict(
         print(json.dumps(payload, indent=2))
     else:
         console = Console()
-        t = Table(title=f"{image} ({g.state.size[0]}x{g.state.size[1]})")
-        for col in ("phrase", "box (x1, y1, x2, y2)", "score"):
+        t = Table(title=escape(printable(f"{image} ({g.state.size[0]}x{g.state.size[1]})")))
+        any_fallback = any(p.fallback for p in preds)
+        for col in ("phrase", "box (x1, y1, x2, y2)", "score") + (("note",) if any_fallback else ()):
             t.add_column(col)
         for p in preds:
-            t.add_row(p.phrase, ", ".join(f"{v:.1f}" for v in p.box), f"{p.score:.4f}")
+            note = [FALLBACK_NOTE if p.fallback else ""] if any_fallback else []
+            t.add_row(escape(p.phrase), ", ".join(f"{v:.1f}" for v in p.box), f"{p.score:.4f}", *note)
         console.print(t)
         if json_out:
-            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_out).write_text(json.dumps(payload, indent=2))
+            write_json(json_out, payload, sort_keys=False)
             console.print(f"wrote {json_out}")
+    fallbacks = sum(p.fallback for p in preds)
+    if fallbacks:
+        print(f"warning: {fallbacks} of {len(preds)} phrase(s) had no candidate box in this "
+              f"{g.state.size[0]}x{g.state.size[1]} image; the whole image is returned with score 0",
+              file=sys.stderr)
     if out is not None:
         from ..viz import draw_prediction
 
-        out.parent.mkdir(parents=True, exist_ok=True)
         canvas = g.state.image
         for p in preds:
             canvas = draw_prediction(canvas, p.box, p.phrase, score=p.score)
-        canvas.save(out)
+        save_image(canvas, out)
         if json_out != "-":
             Console().print(f"wrote {out}")
 

@@ -12,11 +12,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadAnnotationError
-from .loaders import image_path, read_json, xywh_to_xyxy
+from .loaders import ident, image_path, malformed, need, objects, read_json, text, xywh_to_xyxy
 from .records import GroundingRecord
 
 _TEXT_KEYS = ("caption", "expression", "phrase")
+WHAT = "a COCO instances file"
 
 
 def _split(path: Path) -> str:
@@ -25,31 +25,51 @@ def _split(path: Path) -> str:
     return m.group(1) if m else ""
 
 
+def coco_tables(data: Any, path: Path) -> tuple[dict[int, str], dict[int, str]]:
+    """Image file names and category names of a COCO instances file, by id (one clear error if malformed)."""
+    where = ""
+    try:
+        files: dict[int, str] = {}
+        for i, im in enumerate(objects(data, "images")):
+            where = f"images[{i}]"
+            files[need(im, "id", "id")] = need(im, "file_name", "name")
+        cats: dict[int, str] = {}
+        for i, c in enumerate(objects(data, "categories", required=False)):
+            where = f"categories[{i}]"
+            cats[need(c, "id", "id")] = text(c.get("name"))
+    except (KeyError, ValueError) as e:
+        raise malformed(path, WHAT, where, e) from None
+    return files, cats
+
+
 def load_coco(path: Path, images: Path | None = None, data: Any = None, include_crowd: bool = False,
               **_: Any) -> list[GroundingRecord]:
     """Read a COCO instances JSON into one record per annotation (crowd boxes skipped)."""
     data = read_json(path) if data is None else data
     root = images if images is not None else path.parent
     split = _split(path)
+    files, cats = coco_tables(data, path)
+    where = ""
     try:
-        files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
-        cats = {int(c["id"]): str(c["name"]) for c in data.get("categories", [])}
         out: list[GroundingRecord] = []
-        for a in data["annotations"]:
+        for i, a in enumerate(objects(data, "annotations")):
+            where = f"annotations[{i}]"
             if a.get("iscrowd") and not include_crowd:
                 continue
-            image_id = int(a["image_id"])
-            cat = cats.get(int(a.get("category_id", -1)), "")
-            text = next((str(a[k]) for k in _TEXT_KEYS if a.get(k)), cat)
+            image_id = need(a, "image_id", "id")
+            if image_id not in files:
+                raise ValueError(f"'image_id' {image_id} is not in 'images'")
+            cat = cats.get(need(a, "category_id", "id"), "") if a.get("category_id") is not None else ""
+            given = next((a[k] for k in _TEXT_KEYS if a.get(k)), None)  # null/"": the category name
             out.append(GroundingRecord(
                 image=image_path(root, files[image_id]),
-                expression=text,
+                expression=cat if given is None else text(given),
                 box=xywh_to_xyxy(a["bbox"]),
                 image_id=str(image_id),
-                ref_id=str(a.get("id", "")),
+                ref_id=ident(a.get("id")),
                 split=split,
                 meta={"category": cat},
             ))
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadAnnotationError(f"{path} is not a COCO instances file ({type(e).__name__}: {e})") from None
+    except (KeyError, ValueError) as e:
+        raise malformed(path, WHAT, where, e) from None
     return out

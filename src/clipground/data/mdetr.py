@@ -14,8 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadAnnotationError
-from .loaders import image_path, read_json, split_from_name, xywh_to_xyxy
+from .loaders import ident, image_path, malformed, need, objects, read_json, split_from_name, text, xywh_to_xyxy
 from .records import GroundingRecord
 
 
@@ -31,28 +30,32 @@ def load_mdetr(path: Path, images: Path | None = None, data: Any = None, **_: An
     data = read_json(path) if data is None else data
     root = images if images is not None else path.parent
     split = split_from_name(path)
+    what, where = "an MDETR annotation file", ""
     try:
-        by_image: dict[int, list[dict]] = defaultdict(list)
-        for a in data["annotations"]:
-            by_image[int(a["image_id"])].append(a)
+        by_image: dict[int, list[tuple[dict, list[float]]]] = defaultdict(list)
+        for i, a in enumerate(objects(data, "annotations")):
+            where = f"annotations[{i}]"
+            by_image[need(a, "image_id", "id")].append((a, xywh_to_xyxy(a["bbox"])))
         out: list[GroundingRecord] = []
-        for im in data["images"]:
-            caption = str(im["caption"])
-            anns = by_image.get(int(im["id"]), [])
-            for a in anns:
+        for i, im in enumerate(objects(data, "images")):
+            where = f"images[{i}]"
+            caption = text(im["caption"])
+            file_name = need(im, "file_name", "name")
+            anns = by_image.get(need(im, "id", "id"), [])
+            for a, box in anns:
                 expr = caption
                 if len(anns) > 1 and a.get("tokens_positive"):
                     expr = _span_text(caption, a["tokens_positive"]) or caption
                 out.append(GroundingRecord(
-                    image=image_path(root, im["file_name"]),
+                    image=image_path(root, file_name),
                     expression=expr,
-                    box=xywh_to_xyxy(a["bbox"]),
-                    image_id=str(im.get("original_id", im.get("original_img_id", im["id"]))),
-                    ref_id=str(a.get("original_id", a.get("id", ""))),
+                    box=box,
+                    image_id=ident(im.get("original_id", im.get("original_img_id", im["id"]))),
+                    ref_id=ident(a.get("original_id", a.get("id"))),
                     split=split,
                     meta={"entry_id": im["id"], "category_id": a.get("category_id"),
-                          "dataset": im.get("dataset_name", "")},
+                          "dataset": text(im.get("dataset_name"))},
                 ))
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadAnnotationError(f"{path} is not an MDETR annotation file ({type(e).__name__}: {e})") from None
+    except (KeyError, ValueError) as e:
+        raise malformed(path, what, where, e) from None
     return out

@@ -34,9 +34,11 @@ class GroundingRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "GroundingRecord":
+        """Inverse of :meth:`to_json` (a non-string expression becomes ``""``, never ``"None"``)."""
+        expression = d["expression"]
         return cls(
             image=str(d["image"]),
-            expression=str(d["expression"]),
+            expression=expression if isinstance(expression, str) else "",
             box=[float(v) for v in d["box"]],
             image_id=str(d.get("image_id", "")),
             ref_id=str(d.get("ref_id", "")),

@@ -6,34 +6,21 @@ gives each ``ann_id`` its ``bbox [x, y, w, h]`` and each image its ``file_name``
 sentence becomes one record (RefCOCOg umd val: 4,896 sentences on 2,573 refs).
 
 The pickles were written by Python 2; strings that are not ASCII are read as latin-1
-bytes and repaired to UTF-8. Only load pickles you trust (pickle can run code).
+bytes and repaired to UTF-8. They are read with a restricted unpickler that builds plain
+containers, strings and numbers only (:func:`clipground.io.load_pickle_data`): a pickle that
+would run code is refused with :class:`~clipground.errors.UnsafeFileError`.
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadAnnotationError
-from .loaders import image_path, read_json, xywh_to_xyxy
+from ..errors import BadAnnotationError, UnsafeFileError
+from ..io import load_pickle_data
+from .coco import WHAT as COCO_WHAT, coco_tables
+from .loaders import checked, ident, image_path, json_kind, malformed, need, objects, read_json, text, xywh_to_xyxy
 from .records import GroundingRecord
-
-
-def _repair(x: Any) -> Any:
-    """Undo latin-1 decoding of Python 2 UTF-8 byte strings, recursively."""
-    if isinstance(x, str):
-        try:
-            return x.encode("latin-1").decode("utf-8")
-        except (UnicodeEncodeError, UnicodeDecodeError):
-            return x
-    if isinstance(x, list):
-        return [_repair(v) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_repair(v) for v in x)
-    if isinstance(x, dict):
-        return {_repair(k): _repair(v) for k, v in x.items()}
-    return x
 
 
 def read_pickle(path: Path) -> Any:
@@ -41,12 +28,9 @@ def read_pickle(path: Path) -> Any:
     if not path.is_file():
         raise BadAnnotationError(f"annotation file not found: {path}")
     try:
-        try:
-            with path.open("rb") as f:
-                return pickle.load(f)
-        except UnicodeDecodeError:
-            with path.open("rb") as f:
-                return _repair(pickle.load(f, encoding="latin-1"))
+        return load_pickle_data(path, what="refs file")
+    except UnsafeFileError:
+        raise
     except Exception as e:  # pickle raises many types for a corrupt file
         raise BadAnnotationError(f"{path} is not a readable pickle ({type(e).__name__}: {e})") from None
 
@@ -77,33 +61,47 @@ def load_refer(path: Path, images: Path | None = None, instances: str | Path | N
         raise BadAnnotationError(f"refer format needs instances.json beside {refs_path.name} (looked for {inst_path})")
     refs = read_pickle(refs_path)
     if not isinstance(refs, list):
-        raise BadAnnotationError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
+        raise BadAnnotationError(f"{refs_path}: expected a list of refs, got {json_kind(refs)}")
     inst = read_json(inst_path)
     root = images if images is not None else refs_path.parent
+    files, cats = coco_tables(inst, inst_path)
+    where = ""
     try:
-        files = {int(im["id"]): str(im["file_name"]) for im in inst["images"]}
-        anns = {int(a["id"]): a for a in inst["annotations"]}
-        cats = {int(c["id"]): str(c["name"]) for c in inst.get("categories", [])}
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadAnnotationError(f"{inst_path} is not a COCO instances file ({type(e).__name__}: {e})") from None
+        anns: dict[int, tuple[dict, list[float]]] = {}
+        for i, a in enumerate(objects(inst, "annotations")):
+            where = f"annotations[{i}]"
+            anns[need(a, "id", "id")] = a, xywh_to_xyxy(a["bbox"])
+    except (KeyError, ValueError) as e:
+        raise malformed(inst_path, COCO_WHAT, where, e) from None
     out: list[GroundingRecord] = []
     for i, ref in enumerate(refs):
         try:
-            ann = anns[int(ref["ann_id"])]
-            image_id = int(ref["image_id"])
-            file_name = files[image_id]
-            box = xywh_to_xyxy(ann["bbox"])
-            cat = cats.get(int(ref.get("category_id", ann.get("category_id", -1))), "")
-            for s in ref["sentences"]:
+            if not isinstance(ref, dict):
+                raise ValueError(f"it is {json_kind(ref)}, expected a dict")
+            ann_id = need(ref, "ann_id", "id")
+            if ann_id not in anns:
+                raise ValueError(f"its ann_id {ann_id} is not in {inst_path.name}")
+            ann, box = anns[ann_id]
+            image_id = need(ref, "image_id", "id")
+            if image_id not in files:
+                raise ValueError(f"its image_id {image_id} is not in {inst_path.name}")
+            cat_id = ref.get("category_id", ann.get("category_id"))
+            cat = cats.get(checked(cat_id, "id", "category_id"), "") if cat_id is not None else ""
+            sentences = ref["sentences"]
+            if not isinstance(sentences, list):
+                raise ValueError(f"'sentences' is {json_kind(sentences)}, expected a list")
+            for j, s in enumerate(sentences):
+                if not isinstance(s, dict):
+                    raise ValueError(f"sentences[{j}] is {json_kind(s)}, expected a dict")
                 out.append(GroundingRecord(
-                    image=image_path(root, file_name),
-                    expression=str(s.get("sent", s.get("raw", ""))),
+                    image=image_path(root, files[image_id]),
+                    expression=text(s.get("sent", s.get("raw"))),
                     box=box,
                     image_id=str(image_id),
-                    ref_id=str(ref.get("ref_id", "")),
-                    split=str(ref.get("split", "")),
-                    meta={"category": cat, "ann_id": int(ref["ann_id"]), "sent_id": s.get("sent_id")},
+                    ref_id=ident(ref.get("ref_id")),
+                    split=text(ref.get("split")),
+                    meta={"category": cat, "ann_id": ann_id, "sent_id": s.get("sent_id")},
                 ))
-        except (KeyError, TypeError, ValueError) as e:
-            raise BadAnnotationError(f"{refs_path}: ref #{i} is malformed or not in {inst_path.name} ({type(e).__name__}: {e})") from None
+        except (KeyError, ValueError) as e:
+            raise malformed(refs_path, "a refer refs file", f"ref #{i}", e) from None
     return out

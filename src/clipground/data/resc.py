@@ -8,7 +8,9 @@ expression, ...)`` and Flickr30k Entities ``(image_file, bbox, phrase)``, both w
 type (the first string is the image, the first 4-number sequence the box, the first
 string after the box the expression), so 3-, 4- and 5-field variants all load.
 
-Only load files you trust: ``torch.load(weights_only=False)`` runs pickle.
+Both the legacy torch pickle (how the published files are written) and torch's zip format
+are read with the restricted ``weights_only`` unpickler (:func:`clipground.io.load_torch_data`):
+a file that would run code is refused with :class:`~clipground.errors.UnsafeFileError`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadAnnotationError
+from ..errors import BadAnnotationError, UnsafeFileError
+from ..io import load_torch_data
 from .loaders import image_id_from_name, image_path, split_from_name, xywh_to_xyxy
 from .records import GroundingRecord
 
@@ -59,13 +62,13 @@ def parse_item(item: Any) -> tuple[str, list[float], str, str]:
 
 
 def read_torch_pickle(path: Path) -> Any:
-    """``torch.load`` a legacy pickle, turning failures into one clear error."""
-    import torch
-
+    """Read a split file as plain data only, turning failures into one clear error."""
     if not path.is_file():
         raise BadAnnotationError(f"annotation file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_torch_data(path, what="split file")
+    except UnsafeFileError:
+        raise
     except Exception as e:  # corrupt/unknown pickles raise many types
         raise BadAnnotationError(f"{path} is not a readable torch/pickle file ({type(e).__name__}: {e})") from None
 

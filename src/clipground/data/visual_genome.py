@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadAnnotationError
-from .loaders import image_path, read_json
+from .loaders import ident, image_path, json_kind, malformed, need, objects, read_json, text
 from .records import GroundingRecord
 
 _SUBDIRS = ("", "VG_100K", "VG_100K_2")
@@ -34,26 +34,32 @@ def load_visual_genome(path: Path, images: Path | None = None, data: Any = None,
     """Read ``region_descriptions.json`` into one record per region."""
     data = read_json(path) if data is None else data
     if not isinstance(data, list):
-        raise BadAnnotationError(f"{path}: expected a list of images with 'regions', got {type(data).__name__}")
+        raise BadAnnotationError(f"{path}: expected a list of images with 'regions', got {json_kind(data)}")
     root = images if images is not None else path.parent
     out: list[GroundingRecord] = []
+    what, where = "a Visual Genome region_descriptions file", ""
     try:
-        for entry in data:
-            regions = entry["regions"]
+        for i, entry in enumerate(data):
+            where = f"entry {i}"
+            if not isinstance(entry, dict):
+                raise ValueError(f"it is {json_kind(entry)}, expected an object with 'regions'")
+            regions = objects(entry, "regions")
             if not regions:
                 continue
-            image_id = int(entry.get("id", entry.get("image_id", regions[0]["image_id"])))
+            key = next((k for k in ("id", "image_id") if k in entry), None)
+            image_id = need(entry, key, "id") if key else need(regions[0], "image_id", "id")
             file = _locate(root, image_id)
-            for r in regions:
-                x, y, w, h = float(r["x"]), float(r["y"]), float(r["width"]), float(r["height"])
+            for j, r in enumerate(regions):
+                where = f"entry {i}, regions[{j}]"
+                x, y, w, h = (need(r, k, "number") for k in ("x", "y", "width", "height"))
                 out.append(GroundingRecord(
                     image=file,
-                    expression=str(r["phrase"]).strip(),
+                    expression=text(r["phrase"]).strip(),
                     box=[x, y, x + w, y + h],
                     image_id=str(image_id),
-                    ref_id=str(r.get("region_id", r.get("id", ""))),
+                    ref_id=ident(r.get("region_id", r.get("id"))),
                     split="",
                 ))
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadAnnotationError(f"{path} is not a Visual Genome region_descriptions file ({type(e).__name__}: {e})") from None
+    except (KeyError, ValueError) as e:
+        raise malformed(path, what, where, e) from None
     return out

@@ -100,9 +100,8 @@ class FusionRegressorConfig(MethodConfig):
             their attention logits (as Swin's relative position bias), so "the patch left of
             me" is one learned number instead of something to infer from absolute positions.
         words: add each phrase token's input word embedding (projected) to its final CLIP
-            state. The final states of a contrastively trained text tower can hardly tell
-            "leftmost" from "rightmost" (cosine 0.98 in the bundled world CLIP). In the world
-            this helps relational phrases, not superlatives (see the README's results).
+            state: the final states of a contrastively trained text tower can hardly tell
+            opposite spatial words apart, the input embeddings keep them distinct.
         relations: answer a spatial phrase (superlative, ordinal, two-place relation) with the
             ReCLIP-style geometry rules of :mod:`clipground.relations` over the regressor's own
             candidates: with ``peak`` every patch predicts a box, and the regressor run on the

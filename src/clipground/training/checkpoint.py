@@ -10,11 +10,17 @@ Layout under ``<output_dir>/checkpoints/``::
         trainer_state.json     step, epoch, batches consumed in the epoch (written last)
     latest                     name of the newest complete checkpoint (one line)
 
-A checkpoint is first written to ``.tmp-step-…`` and renamed with :func:`os.replace` once
-complete; ``latest`` is replaced atomically after that. A run killed at any moment therefore
-leaves either the previous checkpoint or the new one, never a half-written one that resume
-would pick up: temp directories are ignored (and removed) and a directory without
-``trainer_state.json`` is never chosen.
+Every ``.pt`` file holds plain data only (tensors, lists, dicts, numbers, strings: the RNG
+states are stored in that form, see :func:`rng_state`) and is read back with torch's
+restricted ``weights_only`` unpickler (:func:`clipground.io.load_torch_data`): resuming
+from a folder someone else handed you cannot run code from it.
+
+A checkpoint is first written to ``.tmp-step-…`` (by every process: each writes its RNG
+file) and put in place with :func:`clipground.io.replace_dir` once complete; ``latest`` is
+replaced atomically (:func:`clipground.io.atomic_write`) after that. A run killed at any
+moment therefore leaves either the previous checkpoint or the new one, never a half-written
+one that resume would pick up: temp directories are ignored (and removed) and a directory
+without ``trainer_state.json`` is never chosen.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +36,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..io import TMP_PREFIX, atomic_write, json_text, load_torch_data, replace_dir
+
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
-TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -41,41 +47,6 @@ WEIGHTS_FILE = "model.safetensors"
 def checkpoint_name(step: int) -> str:
     """Directory name of the checkpoint taken after optimiser step ``step``."""
     return f"step-{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and :func:`os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -111,10 +82,23 @@ def trainable_state_dict_keys(model: torch.nn.Module) -> list[str]:
 
 
 def rng_state() -> dict[str, Any]:
-    """All RNG states of this process."""
+    """All RNG states of this process, as plain data ``torch.load(weights_only=True)`` reads.
+
+    Python's state becomes a list of ints, numpy's MT19937 state a dict with its key as an
+    int64 tensor, torch's (CPU and CUDA) are byte tensors already. :func:`set_rng_state`
+    restores exactly the same streams.
+    """
+    version, internal, gauss_next = random.getstate()
+    np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": int(version), "internal": [int(v) for v in internal], "gauss_next": gauss_next},
+        "numpy": {
+            "bit_generator": str(np_state["bit_generator"]),
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -123,9 +107,15 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore states captured by :func:`rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore states captured by :func:`rng_state` (or the tuples older checkpoints hold)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]) if isinstance(py, dict) else py)
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        npy = {"bit_generator": npy["bit_generator"],
+               "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
+               "has_gauss": npy["has_gauss"], "gauss": npy["gauss"]}
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -194,35 +184,21 @@ def write_rng_file(tmp_dir: Path, rank: int) -> None:
     torch.save(rng_state(), tmp_dir / f"rng-{rank}.pt")
 
 
-def fsync_tree(d: Path) -> None:
-    """Flush every file in ``d`` (and ``d`` itself) to disk before the rename."""
-    for f in d.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(d)
-
-
 def commit_checkpoint(tmp_dir: Path, final_dir: Path, state: dict[str, Any]) -> None:
-    """Write ``trainer_state.json`` last, rename temp -> final, then update ``latest``."""
-    (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
-    fsync_tree(tmp_dir)
-    if final_dir.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final_dir)
-    os.replace(tmp_dir, final_dir)
-    _fsync_dir(final_dir.parent)
-    atomic_write_text(final_dir.parent / LATEST, final_dir.name + "\n")
+    """Write ``trainer_state.json`` last, put temp -> final in one rename, then update ``latest``."""
+    (tmp_dir / STATE_FILE).write_text(json_text(state, indent=1), encoding="utf-8")
+    replace_dir(tmp_dir, final_dir)  # re-saving the same step (e.g. after a resume) replaces it
+    atomic_write(final_dir.parent / LATEST, final_dir.name + "\n")
 
 
 def read_checkpoint(ckpt: Path, rank: int) -> dict[str, Any]:
-    """Load everything from a checkpoint folder (weights on CPU)."""
+    """Load everything from a checkpoint folder (weights on CPU); no file may run code."""
     out: dict[str, Any] = {
         "state": json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")),
         "model": load_file(str(ckpt / WEIGHTS_FILE)),
-        # Our own files: plain Python/numpy RNG objects need the full unpickler.
-        "optimizer": torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False),
-        "scheduler": torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=False),
+        "optimizer": load_torch_data(ckpt / "optimizer.pt", what="checkpoint file"),
+        "scheduler": load_torch_data(ckpt / "scheduler.pt", what="checkpoint file"),
     }
     rng_file = ckpt / f"rng-{rank}.pt"
-    out["rng"] = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+    out["rng"] = load_torch_data(rng_file, what="checkpoint file") if rng_file.is_file() else None
     return out

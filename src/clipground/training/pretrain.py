@@ -2,9 +2,9 @@
 
 No pretrained CLIP weights are reachable offline, so clipground ships its own: a
 transformers :class:`~transformers.CLIPModel` (a 4-layer ViT on 64 px inputs with 16 px
-patches, i.e. a 4x4 grid, and a 3-layer text transformer; 2.66M parameters with the
-defaults, which are the bundled checkpoint's) trained contrastively on *region-caption*
-pairs from the world's train split only.
+patches, i.e. a 4x4 grid, and a 3-layer text transformer; the defaults are the bundled
+checkpoint's) trained contrastively on *region-caption* pairs from the world's train split
+only.
 
 The model is later used zero-shot exactly like a hub CLIP: every candidate box is shown
 as isolated views (:mod:`clipground.backbone.views`: ``crop``, ``blur``, ``circle``), encoded

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import checkpoint as C
 from ..errors import ConfigError
-from ..io import save_figure
+from ..io import atomic_write, save_figure
+from . import checkpoint as C
 from .config import TrainConfig, to_dict, validate_train_config
 
 LossFn = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
@@ -238,7 +238,7 @@ class Trainer:
                 continue
             if isinstance(row, dict) and row.get("step", 0) <= step:
                 keep.append(line)
-        C.atomic_write_text(path, "".join(line + "\n" for line in keep))
+        atomic_write(path, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, acc: Any, optimizer: Any, scheduler: Any, step: int, epoch: int, batches_done: int,
@@ -327,7 +327,7 @@ class Trainer:
                     shutil.rmtree(self.output_dir / C.CHECKPOINT_DIR)
             import yaml
 
-            C.atomic_write_text(self.output_dir / "train_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            atomic_write(self.output_dir / "train_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         acc.wait_for_everyone()
 
         named = self._trainable()
