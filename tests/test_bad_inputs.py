@@ -642,3 +642,84 @@ def test_predict_table_marks_whole_image_fallback(size: tuple[int, int], tmp_pat
     warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1 and "whole image" in warnings[0] and f"{size[0]}x{size[1]}" in warnings[0]
 
+
+
+# --------------------------------------------------------------------------- options, training, caches
+
+
+@pytest.mark.parametrize("value,want", [("no", False), ("false", False), ("0", False), ("off", False),
+                                        ("yes", True), ("true", True), ("1", True)])
+def test_boolean_options_are_typed(value: str, want: bool) -> None:
+    """`-o relations=no` used to keep the truthy string 'no'."""
+    from clipground.methods.zero_shot import ZeroShotConfig
+
+    assert ZeroShotConfig.from_dict({"relations": value}).relations is want
+
+
+def test_bad_and_unknown_options_are_one_error_line(tiny_clip_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from clipground.testing import assert_one_error_line, run_cli
+
+    img = _write_img(tmp_path / "a.png")
+    base = ["predict", str(img), "the red box", "-b", str(tiny_clip_dir), "-p", "selective-search"]
+    assert_one_error_line(*run_cli(base + ["-o", "relations=maybe"], monkeypatch, capsys)[::2], "relations",
+                          "true/false")
+    assert_one_error_line(*run_cli(base + ["-o", "relationz=no"], monkeypatch, capsys)[::2], "relationz",
+                          "relations")
+    assert_one_error_line(*run_cli(base + ["-o", "temperature=hot"], monkeypatch, capsys)[::2], "temperature")
+    code, out, err = run_cli(base + ["-o", "relations=no", "--json", "-"], monkeypatch, capsys)
+    assert code == 0, err
+
+
+def _tiny_world_jsonl(tmp: Path, n: int) -> Path:
+    from clipground.data.jsonl import write_jsonl
+    from clipground.data.records import GroundingRecord
+
+    img = _write_img(tmp / "a.png")
+    recs = [GroundingRecord(str(img), f"the box number {i}", [4.0 + i, 4.0, 30.0, 30.0]) for i in range(n)]
+    write_jsonl(recs, tmp / "train.jsonl")
+    (tmp / "props.json").write_text(json.dumps({str(img): {"boxes": [r.box for r in recs]}}))
+    return tmp / "train.jsonl"
+
+
+@pytest.mark.parametrize("method", ["fusion-regressor", "proposal-classifier"])
+def test_training_set_smaller_than_a_batch_is_one_error_line(method: str, tiny_clip_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from clipground.testing import assert_one_error_line, run_cli
+
+    ann = _tiny_world_jsonl(tmp_path, 3)
+    args = ["train", "--method", method, "--train", str(ann), "--backbone", str(tiny_clip_dir),
+            "--proposals", f"file:{tmp_path / 'props.json'}", "--out", str(tmp_path / "run"), "batch_size=8",
+            "progress=false"]
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert_one_error_line(code, err, "batch_size")
+
+
+def test_corrupt_cache_shard_is_one_error_line(tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    from clipground.testing import assert_one_error_line, run_cli
+
+    ann = _tiny_world_jsonl(tmp_path, 4)
+    common = ["--backbone", str(tiny_clip_dir), "--proposals", f"file:{tmp_path / 'props.json'}"]
+    code, _, err = run_cli(["cache", "build", "--data", str(ann), *common, "--out", str(tmp_path / "c" / "train")],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    (tmp_path / "c" / "train" / "images-00000.safetensors").write_bytes(b"\x00" * 40)
+    args = ["train", "--method", "proposal-classifier", "--train", str(ann), *common, "--cache", str(tmp_path / "c"),
+            "--out", str(tmp_path / "run"), "batch_size=2", "progress=false", "max_steps=1"]
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert_one_error_line(code, err, "corrupt", "rebuild")
+
+
+def test_fallback_is_visible_in_the_terminal_table(tiny_clip_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from clipground.testing import run_cli
+
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    code, out, err = run_cli(["predict", str(tmp_path / "dot.png"), "the red box", "-b", str(tiny_clip_dir)],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    assert "whole image" in out and "warning:" in err and "Traceback" not in err

@@ -129,10 +129,13 @@ def giou(a: torch.Tensor | Sequence, b: torch.Tensor | Sequence) -> torch.Tensor
 
 
 def paired_iou(a: torch.Tensor | Sequence, b: torch.Tensor | Sequence) -> torch.Tensor:
-    """IoU of ``a[i]`` with ``b[i]`` for each ``i`` (the diagonal of :func:`iou`)."""
+    """IoU of ``a[i]`` with ``b[i]`` for each ``i``, shape ``(N,)`` (0 for two empty boxes).
+
+    torchvision's pairwise matrix, its diagonal taken 1024 rows at a time so ``N`` can be large.
+    """
     a, b = as_boxes(a), as_boxes(b)
     if len(a) != len(b):
         raise BadBoxError(f"paired_iou needs equal lengths, got {len(a)} and {len(b)}")
     if len(a) == 0:
         return torch.zeros(0)
-    return box_iou(a, b).diagonal()
+    return torch.cat([box_iou(a[i:i + 1024], b[i:i + 1024]).diagonal() for i in range(0, len(a), 1024)]).nan_to_num(0.0)

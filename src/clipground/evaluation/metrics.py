@@ -28,17 +28,6 @@ LENGTH_BINS = ("1-2", "3-4", "5-8", "9+")
 TOP_K = (1, 5, 10)
 
 
-def paired_iou(pred: torch.Tensor | Sequence, target: torch.Tensor | Sequence) -> torch.Tensor:
-    """IoU of ``pred[i]`` with ``target[i]``, shape ``(N,)``."""
-    p, t = as_boxes(pred), as_boxes(target)
-    if len(p) != len(t):
-        raise ValueError(f"paired_iou needs as many predictions as targets, got {len(p)} and {len(t)}")
-    if len(p) == 0:
-        return torch.zeros(0)
-    # torchvision's pairwise matrix, diagonal taken chunk by chunk so N can be large.
-    return torch.cat([box_iou(p[i:i + 1024], t[i:i + 1024]).diagonal() for i in range(0, len(p), 1024)]).nan_to_num(0.0)
-
-
 def candidate_ious(candidates: torch.Tensor | Sequence, target: torch.Tensor | Sequence) -> torch.Tensor:
     """IoU of each ranked candidate ``(K, 4)`` with one target box, shape ``(K,)``."""
     c = torch.as_tensor(candidates, dtype=torch.float32).reshape(-1, 4)

@@ -90,7 +90,9 @@ def describe_protocol(result: EvalResult) -> list[str]:
     if ds:
         lines.append(f"data: {ds.get('path', '')} ({ds.get('format', '')}, split {ds.get('split') or 'all'}): "
                      f"kept {ds.get('kept')} items, dropped {ds.get('dropped')} whose image is missing"
-                     + (f", {ds['invalid']} invalid" if ds.get("invalid") else ""))
+                     + (f", {ds['invalid']} invalid" if ds.get("invalid") else "")
+                     + (f", {ds['outside']} whose box lies outside the image" if ds.get("outside") else "")
+                     + (f"; clipped {ds['clipped']} boxes to their image" if ds.get("clipped") else ""))
     lines.append(f"scored {c.get('scored', 0)} expressions on {c.get('images', 0)} images"
                  + (f"; {c['refused']} phrases the model refused, scored as misses" if c.get("refused") else "")
                  + (f"; {c['failed_items']} expressions on images that failed to load, not scored"

@@ -22,7 +22,7 @@ from ..cache import CacheSpec, FeatureCache, normalize_text
 from ..data.records import GroundingRecord
 from ..errors import ConfigError
 from ..mirror import add_flips
-from .recipes import CachedRecipeConfig, DataConfig, TrainArgs, load_split, split_paths
+from .recipes import CachedRecipeConfig, DataConfig, TrainArgs, build_split_caches, load_split, split_paths
 
 
 @dataclass
@@ -155,18 +155,10 @@ def prepare_dense(args: TrainArgs, cfg: CachedRecipeConfig, backbone: ClipBackbo
     view = DenseView.of(cfg.model)
     prompt = cfg.model.prompt
     spec = CacheSpec.dense_of(view, prompt=prompt, noun_phrases=False, shard_size=cfg.cache.shard_size)
-    root = args.cache_root
-    caches = []
-    for split, recs in (("train", train), ("val", val)):
-        if not recs:
-            caches.append(None)
-            continue
-        print(f"feature cache ({split}): {root / split}", flush=True)
-        caches.append(FeatureCache.build(root / split, recs, backbone, None, spec, rebuild=cfg.cache.rebuild,
-                                         progress=cfg.train.progress))
-    if caches[0] is None:
+    caches = build_split_caches(args, cfg, backbone, spec, {"train": train, "val": val})
+    if caches["train"] is None:
         raise ConfigError("no training records")
-    return encodable(train, caches[0], prompt), val, caches[0], caches[1]
+    return encodable(train, caches["train"], prompt), val, caches["train"], caches["val"]
 
 
 __all__ = ["DenseBatch", "DenseData", "DenseDataset", "encodable", "prepare_dense"]

@@ -205,6 +205,26 @@ def check_batch(n: int, cfg: TrainConfig, what: str = "training samples") -> Non
                           f"(e.g. train.batch_size={n}) or set train.drop_last=false")
 
 
+def build_split_caches(args: TrainArgs, cfg: CachedRecipeConfig, backbone: Any, spec: Any,
+                       splits: Mapping[str, Sequence[Any]], proposals: Callable[[str], Any] | None = None
+                       ) -> dict[str, Any]:
+    """Build (or resume, or reuse) one feature cache per split under ``--cache`` (default
+    ``OUT/cache``): ``DIR/train``, ``DIR/val``. ``proposals(split)`` gives a regions cache its
+    proposal source; a split without records gets ``None``."""
+    from ...cache import FeatureCache
+
+    out: dict[str, Any] = {}
+    for split, recs in splits.items():
+        if not recs:
+            out[split] = None
+            continue
+        print(f"feature cache ({split}): {args.cache_root / split}", flush=True)
+        out[split] = FeatureCache.build(args.cache_root / split, recs, backbone,
+                                        proposals(split) if proposals is not None else None, spec,
+                                        rebuild=cfg.cache.rebuild, progress=cfg.train.progress)
+    return out
+
+
 def save_final(grounder: Any, out: str | os.PathLike, summary: dict[str, Any]) -> Path:
     """Save the trained grounder to ``out/final`` and the run's summary to ``out/final_metrics.json``."""
     from ...io import write_json
@@ -218,6 +238,7 @@ def save_final(grounder: Any, out: str | os.PathLike, summary: dict[str, Any]) -
 __all__ = [
     "CacheOptions",
     "CachedRecipeConfig",
+    "build_split_caches",
     "DataConfig",
     "LossConfig",
     "RecipeConfig",

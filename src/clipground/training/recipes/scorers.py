@@ -59,8 +59,8 @@ from ...options import to_dict
 from ...relations import parse
 from ..losses import multi_positive_ce
 from ..validation import validation_fn
-from . import (CacheOptions, CachedRecipeConfig, DataConfig, TrainArgs, check_batch, load_backbone, load_recipe_config, load_split,
-               save_final, split_paths, start_run)
+from . import (CacheOptions, CachedRecipeConfig, DataConfig, TrainArgs, build_split_caches, check_batch, load_backbone,
+               load_recipe_config, load_split, save_final, split_paths, start_run)
 
 FROZEN_METHODS = ("proposal-classifier", "proposal-attention")
 PIXEL_METHODS = ("clip-finetune", "flyp")
@@ -425,19 +425,12 @@ def flyp_loss(views: int) -> Callable[[Any, dict[str, Any]], tuple[torch.Tensor,
 
 
 def build_caches(args: TrainArgs, cfg: Any, backbone: ClipBackbone, train_records: list[GroundingRecord],
-                 val_records: list[GroundingRecord] | None, progress: bool = True) -> tuple[FeatureCache, FeatureCache | None]:
+                 val_records: list[GroundingRecord] | None) -> tuple[FeatureCache, FeatureCache | None]:
     """Build/resume/reuse the train (and val) ``regions`` caches under ``--cache`` (default ``OUT/cache``)."""
-    root = args.cache_root
     spec = CacheSpec(views=tuple(cfg.model.views), patches=cfg.cache.patches, shard_size=cfg.cache.shard_size)
-    caches = []
-    for split, recs in (("train", train_records), ("val", val_records)):
-        if not recs:
-            caches.append(None)
-            continue
-        print(f"feature cache ({split}): {root / split}", flush=True)
-        caches.append(FeatureCache.build(root / split, recs, backbone, proposals_for(args.proposals, split), spec,
-                                         rebuild=cfg.cache.rebuild, progress=progress))
-    return caches[0], caches[1]
+    caches = build_split_caches(args, cfg, backbone, spec, {"train": train_records, "val": val_records or []},
+                                lambda split: proposals_for(args.proposals, split))
+    return caches["train"], caches["val"]
 
 
 def scorer_validation(method: Any, val_cache: FeatureCache, val_records: Sequence[GroundingRecord]) -> Callable:
@@ -460,7 +453,7 @@ def train(args: TrainArgs) -> Path:
 
     backbone = load_backbone(args)
     t0 = time.perf_counter()
-    train_cache, val_cache = build_caches(args, cfg, backbone, train_records, val_records, progress=cfg.train.progress)
+    train_cache, val_cache = build_caches(args, cfg, backbone, train_records, val_records)
     cache_s = time.perf_counter() - t0
     print(f"feature caches ready in {cache_s:.1f} s", flush=True)
 
