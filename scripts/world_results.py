@@ -4,7 +4,8 @@
     python scripts/world_results.py [--config configs/world_results.yaml] [--world runs/world]
         [--out results/world] [--only NAME ...] [--limit N] [--update-readme]
 
-1. Makes sure the default synthetic world (``WorldConfig()``, seed 0) exists in ``--world``.
+1. Makes sure the config's synthetic world (its ``world`` section, default ``WorldConfig()``)
+   exists in ``--world``.
 2. Evaluates every entry of the config (a training-free method on a backbone, or a trained
    method directory) on the world's ``test`` and ``compositional`` splits with
    :func:`clipground.evaluation.evaluate`; a trained entry whose directory does not exist
@@ -122,6 +123,19 @@ def parse_config(data: Any, source: str = "config") -> tuple[list[str], list[Ent
         if dup:
             raise WorldResultsError(f"{source}: entry names must be unique (and differ in more than punctuation): {dup}")
     return splits, entries
+
+
+def world_config(path: str | os.PathLike) -> WorldConfig:
+    """The world a results config is evaluated on: its ``world`` mapping of
+    :class:`~clipground.data.world.WorldConfig` fields (default: ``WorldConfig()``)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        return WorldConfig.from_json(data.get("world") or {})
+    except (OSError, yaml.YAMLError) as e:
+        raise WorldResultsError(f"cannot read results config {p}: {e}") from None
+    except (ClipgroundError, TypeError) as e:
+        raise WorldResultsError(f"{p}: bad 'world' section ({e})") from None
 
 
 def load_config(path: str | os.PathLike) -> tuple[list[str], list[Entry]]:
@@ -397,7 +411,9 @@ def world_description(world: Path, splits: Sequence[str], limit: int | None, bac
     """Seed, image size, held-out pairs and per-split counts of the world, the backbones (no dates)."""
     w = json.loads((world / "world.json").read_text(encoding="utf-8"))
     cfg = w["config"]
-    default = "the default world (`WorldConfig()`" if cfg == WorldConfig().to_json() else "a non-default world ("
+    default = ("the default world (`WorldConfig()`" if cfg == WorldConfig().to_json() else
+               "the first world (`WorldConfig.v1()`: one look, the first grammar" if cfg == WorldConfig.v1().to_json()
+               else "a non-default world (")
     parts = []
     for s in splits:
         c = w["counts"][s]
@@ -515,8 +531,8 @@ def _main(args: argparse.Namespace, argv: list[str], console: Console) -> int:
         if load_world_config(world) is None:
             raise WorldResultsError(f"--existing-world: {world} holds no complete world")
     else:
-        console.print(f"world: ensuring the default world in {world} ...")
-        ensure_world(world, WorldConfig(), progress=not args.quiet)
+        console.print(f"world: ensuring the config's world in {world} ...")
+        ensure_world(world, world_config(args.config), progress=not args.quiet)
     for s in splits:
         if not (world / f"{s}.jsonl").is_file():
             raise WorldResultsError(f"{world} has no split {s!r} ({world / f'{s}.jsonl'} is missing)")

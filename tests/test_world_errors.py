@@ -21,7 +21,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from clipground.data.world import WorldConfig, generate_world
 
     root = tmp_path_factory.mktemp("world_errors")
-    generate_world(root / "world", WorldConfig(n_train=0, n_val=0, n_test=40, n_compositional=0), progress=False)
+    generate_world(root / "world", WorldConfig.v1(n_train=0, n_val=0, n_test=40, n_compositional=0), progress=False)
     return root / "world"
 
 

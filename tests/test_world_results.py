@@ -34,7 +34,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path) -> dict
     from clipground.grounder import Grounder
 
     root = tmp_path_factory.mktemp("world_results")
-    world = generate_world(root / "world", WorldConfig(n_train=0, n_val=0, n_test=4, n_compositional=3), progress=False)
+    world = generate_world(root / "world", WorldConfig.v1(n_train=0, n_val=0, n_test=4, n_compositional=3), progress=False)
     run = root / "runs" / "saved"
     Grounder.load("zero-shot", backbone=str(tiny_clip_dir), proposals="selective-search").save_pretrained(run / "final")
     Image.new("RGB", (8, 8), (255, 0, 0)).save(run / "learning_curve.png")

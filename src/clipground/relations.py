@@ -5,12 +5,16 @@ optional relations and superlatives, asks CLIP only about the noun phrases, and 
 the spatial part with rules on box geometry. We do the same with a small keyword
 grammar that covers the common English forms:
 
-* superlatives: "the leftmost cup", "the cup on the left", "the biggest dog",
-  "the green star at the top", "the middle car"; optionally size adjectives ("the large
-  blue square", "the small dog") as the biggest / smallest of their noun phrase;
-* ordinals: "the second cup from the left";
-* relations: "the cup left of the plate", "the dog closest to the man",
-  "the lamp above the table", "the bag farthest from the door".
+* superlatives: "the leftmost cup", "the cup on the left", "the left cup", "the cup
+  farthest to the left", "the biggest dog", "the green star at the top", "the highest star",
+  "the star closest to the top", "the car in the middle"; optionally size adjectives ("the
+  large blue square", "the small dog", "the big one") as the biggest / smallest of their noun
+  phrase;
+* ordinals: "the second cup from the left", "the 2nd cup from the left", "the cup second
+  from the left";
+* relations: "the cup left of the plate", "the dog closest to the man", "the cup next to the
+  plate", "the lamp above the table", "the box under the table", "the bag farthest from the
+  door", and the three-place "the cup between the plate and the glass".
 
 Probabilities: each candidate box ``i`` gets ``q_i = exp(T (s_i - max s))`` for its noun
 phrase similarity ``s`` (so the best-matching box has ``q = 1``). A superlative or ordinal
@@ -38,18 +42,26 @@ _KEYS: dict[str, Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]] = {
     "middle": lambda b, s: ((b[:, 0] + b[:, 2]) / 2 - s[0] / 2).abs() + ((b[:, 1] + b[:, 3]) / 2 - s[1] / 2).abs(),
 }
 
+_FAR = r"(?:farthest|furthest)(?: to)?(?: the)?"
+_NEAR = r"(?:closest|nearest) to the"
 _SUPERLATIVES = [
-    (r"\b(?:left-?most|furthest left|farthest left)\b", "left"),
-    (r"\b(?:right-?most|furthest right|farthest right)\b", "right"),
-    (r"\b(?:top-?most|upper-?most|highest)\b", "top"),
-    (r"\b(?:bottom-?most|lower-?most|lowest)\b", "bottom"),
+    (rf"\b(?:left-?most|{_FAR} left|{_NEAR} left)\b", "left"),
+    (rf"\b(?:right-?most|{_FAR} right|{_NEAR} right)\b", "right"),
+    (rf"\b(?:top-?most|upper-?most|highest|{_NEAR} top)\b", "top"),
+    (rf"\b(?:bottom-?most|lower-?most|lowest|{_NEAR} bottom)\b", "bottom"),
     (r"\b(?:biggest|largest)\b", "biggest"),
     (r"\b(?:smallest|tiniest)\b", "smallest"),
-    (r"\b(?:middle|center|centre|central)\b", "middle"),
+    (rf"\b(?:{_NEAR} (?:middle|center|centre)|(?:in|at) the (?:middle|center|centre)|middle|center|centre|central)\b",
+     "middle"),
     (r"\b(?:on|at|to) the left\b(?! of)", "left"),
     (r"\b(?:on|at|to) the right\b(?! of)", "right"),
     (r"\b(?:at|on) the top\b(?! of)|\bon top\b(?! of)", "top"),
     (r"\b(?:at|on) the bottom\b(?! of)", "bottom"),
+    # "the left star", "the upper one": a position word used as an adjective.
+    (r"^(?:the |a )?left\b(?! of)", "left"),
+    (r"^(?:the |a )?right\b(?! of)", "right"),
+    (r"^(?:the |a )?(?:top|upper)\b(?! of)", "top"),
+    (r"^(?:the |a )?(?:bottom|lower)\b(?! of)", "bottom"),
 ]
 
 # Size adjectives are contrastive in referring expressions ("the big dog" is the bigger of
@@ -61,12 +73,16 @@ _SIZE_WORDS = [
     (r"\b(?:small|little|smaller|tiny)\b", "smallest"),
 ]
 
+#: "closest to the top" is a superlative, not a relation to an object called "top".
+_NOT_A_PLACE = r"(?! the (?:top|bottom|left|right|middle|center|centre)\b)"
 _RELATIONS = [
+    (r"\bbetween\b", "between"),
     (r"\b(?:to the left of|on the left of|left of)\b", "left of"),
     (r"\b(?:to the right of|on the right of|right of)\b", "right of"),
     (r"\b(?:above|over|on top of)\b", "above"),
     (r"\b(?:below|under|beneath|underneath)\b", "below"),
-    (r"\b(?:closest to|nearest to|nearest|closest|next to|near)\b", "closest to"),
+    (rf"\b(?:closest to{_NOT_A_PLACE}|nearest to{_NOT_A_PLACE}|nearest(?! to){_NOT_A_PLACE}|closest(?! to)|"
+     rf"next to|near(?!est){_NOT_A_PLACE}|beside)\b", "closest to"),
     (r"\b(?:farthest from|furthest from)\b", "farthest from"),
 ]
 
@@ -88,6 +104,7 @@ class ParsedExpression:
     relation: str | None = None
     object: str | None = None
     ordinal: int = 1
+    object2: str | None = None  # the second landmark of "between"
 
     @property
     def is_spatial(self) -> bool:
@@ -117,6 +134,11 @@ def parse(expression: str, size_words: bool = False) -> ParsedExpression:
         m = re.search(pat, text)
         if m:
             subj, obj = _clean(text[: m.start()]), _clean(text[m.end() :])
+            if rel == "between":
+                a, sep, b = obj.partition(" and ")
+                if subj and a and sep and _clean(b):
+                    return ParsedExpression(subj, rel, _clean(a), object2=_clean(b))
+                continue
             if subj and obj:
                 return ParsedExpression(subj, rel, obj)
     for pat, key in _SUPERLATIVES + (_SIZE_WORDS if size_words else []):
@@ -213,6 +235,27 @@ def _spread(scores_kept: torch.Tensor, kept: torch.Tensor, boxes: torch.Tensor, 
     return out
 
 
+def _between(parsed: ParsedExpression, boxes: torch.Tensor, kept: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
+             cx: torch.Tensor, cy: torch.Tensor, similarity: Callable[[str], torch.Tensor], temperature: float,
+             dedupe_iou: float) -> torch.Tensor:
+    """"The x between the y and the z": the two landmarks are the best boxes of their phrases (not
+    the same box), and a subject scores by how close its centre is to the segment joining theirs."""
+    wz = torch.softmax(temperature * similarity(parsed.object2 or "object"), dim=0)
+    a = int(w.argmax())
+    wz = wz.masked_fill(box_iou(boxes[a : a + 1], boxes)[0] >= dedupe_iou, 0.0)
+    b = int(wz.argmax())
+    ax, ay, bx, by = cx[a], cy[a], cx[b], cy[b]
+    length2 = ((bx - ax) ** 2 + (by - ay) ** 2).clamp(min=1e-6)
+    k = kept
+    t = ((cx[k] - ax) * (bx - ax) + (cy[k] - ay) * (by - ay)) / length2
+    d = ((cx[k] - ax) * (by - ay) - (cy[k] - ay) * (bx - ax)).abs() / length2
+    closeness = torch.exp(-((d / 0.3) ** 2)) * ((t > 0.0) & (t < 1.0)).float()
+    closeness = closeness * (~(box_iou(boxes[k], boxes[[a, b]]) >= dedupe_iou).any(1)).float()
+    beats = (closeness[:, None] > closeness[None, :]).float()
+    scores = q[k] * closeness * _exactly_k_beaten(q[k] * closeness.clamp(min=1e-6), beats, 0)
+    return _spread(scores, kept, boxes, q, dedupe_iou)
+
+
 def resolve(
     parsed: ParsedExpression,
     boxes: torch.Tensor,
@@ -250,6 +293,8 @@ def resolve(
     so = similarity(parsed.object or "object")
     w = torch.softmax(temperature * so, dim=0)
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    if rel == "between":
+        return _between(parsed, boxes, kept, q, w, cx, cy, similarity, temperature, dedupe_iou)
     same = box_iou(kb, boxes) >= dedupe_iou  # a box cannot relate to itself
     if rel in ("left of", "right of", "above", "below"):
         ckx, cky = cx[kept], cy[kept]

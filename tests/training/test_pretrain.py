@@ -25,7 +25,8 @@ from clipground.training.pretrain import (
 )
 from clipground.training.world_tokenizer import build_world_tokenizer, world_words
 
-TINY_WORLD = ["world.n_train=16", "world.n_val=10", "world.n_test=0", "world.n_compositional=4", "world.max_objects=5"]
+TINY_WORLD = ["world.n_train=16", "world.n_val=10", "world.n_test=0", "world.n_compositional=4", "world.max_objects=5",
+              "world.looks=classic", "world.phrasing=v1", "world.n_new_look=0"]
 TINY_MODEL = ["vision_hidden=32", "vision_layers=1", "vision_heads=2", "text_hidden=32", "text_layers=1",
               "text_heads=2", "projection_dim=16", "model.image_size=32", "batch_size=2", "data.regions_per_scene=4",
               "log_every=1", "progress=false", "warmup_steps=1", "eval.hard_boxes=2"]

@@ -39,7 +39,7 @@ def demo(
     console = Console()
     t0 = time.perf_counter()
     world = out / "world"
-    cfg = WorldConfig(seed=seed, n_train=0, n_val=0, n_test=max(1, scenes), n_compositional=0)
+    cfg = WorldConfig.v1(seed=seed, n_train=0, n_val=0, n_test=max(1, scenes), n_compositional=0)
     ensure_world(world, cfg, progress=False)
     records = read_jsonl(world / "test.jsonl")
     by_image: dict[str, list] = defaultdict(list)

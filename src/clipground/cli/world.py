@@ -22,6 +22,9 @@ def generate(
     clutter: int = typer.Option(3, "--clutter", help="At most this many distractor specks/lines per scene."),
     texture: float = typer.Option(8.0, "--texture", help="Background texture amplitude (grey levels, 0 = flat)."),
     noise: float = typer.Option(2.0, "--noise", help="Pixel noise std (grey levels, 0 = none)."),
+    looks: str = typer.Option("many", "--looks", help="many (rendering families per scene, held-out ones in new-look) or classic (the first world's single look)."),
+    phrasing: str = typer.Option("rich", "--phrasing", help="rich (paraphrases of every relation and attribute) or v1 (the first grammar)."),
+    n_new_look: int = typer.Option(300, "--n-new-look", help="Scenes in held-out rendering families (0 with --looks classic)."),
     force: bool = typer.Option(False, "--force", help="Regenerate even if OUT already holds this exact world."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -38,6 +41,9 @@ def generate(
         clutter=clutter,
         texture=texture,
         noise=noise,
+        looks=looks,
+        phrasing=phrasing,
+        n_new_look=n_new_look,
     )
     cfg.validate()
     have = load_world_config(out)
@@ -52,6 +58,9 @@ def generate(
 
     counts = json.loads((out / "world.json").read_text())["counts"]
     for s in SPLITS:
+        if s not in counts:  # paraphrase: the test scenes again
+            typer.echo(f"{s:>13}: {counts['test'].get('paraphrase_expressions', 0)} expressions on the test scenes")
+            continue
         c = counts[s]
         types = ", ".join(f"{k} {v}" for k, v in c["types"].items())
         typer.echo(f"{s:>13}: {c['scenes']} scenes, {c['expressions']} expressions ({types})")
@@ -60,7 +69,7 @@ def generate(
 
 def show(
     world_dir: Path = typer.Argument(..., help="A world directory written by `clipground world generate`."),
-    split: str = typer.Option("val", "--split", help="train, val, test or compositional."),
+    split: str = typer.Option("val", "--split", help="train, val, test, compositional, new-look or paraphrase."),
     n: int = typer.Option(8, "--n", help="Number of expressions to show."),
     start: int = typer.Option(0, "--start", help="Index of the first expression shown."),
     out: Path = typer.Option(Path("grid.png"), "--out", help="Output image (PNG)."),

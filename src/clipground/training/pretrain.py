@@ -150,13 +150,14 @@ def load_pretrain_config(path: str | os.PathLike | None = None, overrides: Seque
 # --------------------------------------------------------------------------- model
 
 
-def build_processor(model_cfg: ClipModelConfig):
-    """World tokenizer + an image processor that squashes any view to ``image_size``²."""
+def build_processor(model_cfg: ClipModelConfig, phrasing: str = "v1"):
+    """World tokenizer (the vocabulary of the world's ``phrasing``) + an image processor that
+    squashes any view to ``image_size``²."""
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from .world_tokenizer import build_world_tokenizer
+    from .world_tokenizer import build_world_tokenizer, world_words
 
-    tok = build_world_tokenizer(model_max_length=model_cfg.max_text_tokens)
+    tok = build_world_tokenizer(world_words(phrasing), model_max_length=model_cfg.max_text_tokens)
     # Resize straight to a square (no centre crop): a crop view of a wide box keeps every
     # object it contains instead of cutting the sides off.
     s = model_cfg.image_size
@@ -685,7 +686,7 @@ def pretrain(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pret
     if not (world / "instances_train.json").is_file():
         raise ConfigError(f"{world} is not a complete synthetic world (no instances_train.json)")
     set_seed(cfg.train.seed)
-    processor = build_processor(cfg.model)
+    processor = build_processor(cfg.model, (load_world_config(world) or cfg.world).phrasing)
     model = build_model(cfg.model, processor.tokenizer)
     dataset = WorldRegionDataset(world, cfg.data, cfg.train.seed)
     eval_fn = make_eval_fn(world, processor, cfg.eval, cfg.train.seed)

@@ -12,17 +12,36 @@ instead of failing or producing the end-of-text token mid-sentence.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
 
-def world_words() -> list[str]:
-    """Every word the world's templates and the pretraining captions use."""
+#: Words of the pretraining captions for regions that are not one object.
+CAPTION_WORDS = ("part", "of", "a", "and", "background", "around")
+
+
+def world_words(phrasing: str = "v1") -> list[str]:
+    """Every word the world's grammar (of ``phrasing``) and the pretraining captions use.
+
+    ``v1`` is the first world CLIP's vocabulary (its templates plus a few words users type);
+    ``rich`` is exactly the words the rich grammar says (:data:`~clipground.data.world.grammar.FORMS`,
+    its noun phrases) and the captions, each of which :mod:`clipground.relations` understands.
+    """
     from ..data.world import COLOUR_NAMES, SHAPES, SIZES, TEMPLATES
+    from ..data.world.grammar import FORMS, GENERIC_NOUNS, SIZE_WORDS
 
     words = set(SHAPES) | set(COLOUR_NAMES) | set(SIZES)
+    if phrasing == "rich":
+        words |= set(SIZE_WORDS) | set(GENERIC_NOUNS) | set(CAPTION_WORDS) | {"an"}
+        for rels in FORMS.values():
+            for fs in rels.values():
+                for f in fs:
+                    for w in f.replace("{x}", " ").replace("{y}", " ").replace("{z}", " ").split():
+                        words |= set(re.findall(r"\d+|\D+", w))  # CLIP splits digits off ("2nd": "2", "nd")
+        return sorted(words)
     for temps in TEMPLATES.values():
         for t in temps:
             for w in t.replace("{np}", " ").replace("{x}", " ").replace("{y}", " ").split():

@@ -38,7 +38,9 @@ def test_layout_and_world_json(world: tuple[Path, WorldConfig], world_json: dict
     for s in SPLITS:
         assert (out / f"{s}.jsonl").is_file()
         assert (out / f"instances_{s}.json").is_file()
+    for s in ("train", "val", "test", "compositional"):
         assert len(list((out / "images" / s).glob("*.png"))) == 20
+    assert not list((out / "images" / "new-look").glob("*.png"))  # a v1 world has no held-out looks
     assert world_json["config"] == cfg.to_json()
     assert world_json["seed"] == 0
     assert world_json["vocabulary"]["shapes"] == list(SHAPES)
@@ -61,13 +63,13 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(world: tuple[Path, W
     assert h0.keys() == h1.keys()
     differing = [k for k in h0 if h0[k] != h1[k]]
     assert sum(k.endswith(".png") for k in differing) >= 70  # nearly every image differs
-    assert all(h0[f"{s}.jsonl"] != h1[f"{s}.jsonl"] for s in SPLITS)
+    assert all(h0[f"{s}.jsonl"] != h1[f"{s}.jsonl"] for s in ("train", "val", "test", "compositional"))
 
 
 def test_split_does_not_depend_on_other_split_sizes(world: tuple[Path, WorldConfig], tmp_path: Path) -> None:
     out, _ = world
     small = tmp_path / "small"
-    generate_world(small, WorldConfig(seed=0, n_train=5, n_val=20, n_test=3, n_compositional=2), progress=False)
+    generate_world(small, WorldConfig.v1(seed=0, n_train=5, n_val=20, n_test=3, n_compositional=2), progress=False)
     a, b = _hashes(out), _hashes(small)
     for k in b:
         if k.startswith("images/val/") or k in ("val.jsonl", "instances_val.json"):
@@ -78,7 +80,7 @@ def test_split_does_not_depend_on_other_split_sizes(world: tuple[Path, WorldConf
 
 def test_coco_instances_match_records(world: tuple[Path, WorldConfig]) -> None:
     out, _ = world
-    for split in SPLITS:
+    for split in ("train", "val", "test", "compositional"):
         coco = json.loads((out / f"instances_{split}.json").read_text())
         assert [c["name"] for c in coco["categories"]] == list(SHAPES)
         cat = {c["id"]: c["name"] for c in coco["categories"]}

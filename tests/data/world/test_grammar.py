@@ -11,7 +11,7 @@ def _obj(shape: str, colour: str, size: str, cx: float, cy: float, side: float =
     return SceneObject(shape, colour, size, (cx - h, cy - h, cx + h, cy + h), int(side * side))
 
 
-CFG = WorldConfig()  # margin 10 px, size ratio 1.2
+CFG = WorldConfig.v1()  # margin 10 px, size ratio 1.2
 
 
 def test_parse_templates() -> None:

@@ -25,7 +25,7 @@ def test_boxes_masks_colours_and_sizes(world: tuple[Path, WorldConfig]) -> None:
     out, cfg = world
     n = cfg.image_size
     small_sides, large_sides = [], []
-    for split in SPLITS:
+    for split in ("train", "val", "test", "compositional"):
         objects = load_scene_objects(out, split, masks=True)
         for image_id, objs in objects.items():
             assert cfg.min_objects <= len(objs) <= cfg.max_objects
@@ -73,7 +73,7 @@ def test_held_out_pairs_only_in_compositional(world: tuple[Path, WorldConfig], w
 
 
 def test_render_scales_with_image_size() -> None:
-    cfg = WorldConfig(image_size=224)
+    cfg = WorldConfig.v1(image_size=224)
     for seed in range(5):
         scene = render_scene(Generator(PCG64(seed)), cfg)
         assert scene.image.shape == (224, 224, 3) and scene.size == (224, 224)

@@ -2,11 +2,24 @@
 
 Objects are drawn from a closed vocabulary: shapes ``circle, square, triangle, star,
 hexagon``; colours ``red, green, blue, yellow, purple, orange``; sizes ``small`` and
-``large``. A world has four splits, ``train``, ``val``, ``test`` and ``compositional``.
-A few (colour, shape) pairs are held out (:func:`held_out_pairs`): they never appear in
-train/val/test scenes, and every compositional scene contains one and names it as the
-target, so the compositional split measures whether a method combines colour and shape
-words it has only seen apart.
+``large``. A world has six splits:
+
+* ``train``, ``val``, ``test``: scenes in the training looks, expressions in the training
+  phrasings;
+* ``compositional``: a few (colour, shape) pairs are held out (:func:`held_out_pairs`): they
+  never appear in the other splits' scenes, and every compositional scene contains one and
+  names it as the target, so the split measures whether a method combines colour and shape
+  words it has only seen apart;
+* ``new-look``: scenes drawn in held-out rendering families (a background x shape-style
+  combination never seen in training, each background and style seen in other combinations),
+  described in the held-out phrasings where the grammar has one: a world that differs from
+  training in look and phrasing;
+* ``paraphrase``: the ``test`` scenes again, each expression re-said in a held-out phrasing
+  (words seen in training, in a construction that is not), so paraphrased and template
+  expressions can be compared on the same scenes and targets.
+
+``looks="classic"`` and ``phrasing="v1"`` (:meth:`WorldConfig.v1`) generate the first world
+exactly (one look, the first grammar), the world the first bundled CLIP was pretrained on.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ from numpy.random import PCG64, Generator, SeedSequence
 from ...errors import ClipgroundError
 
 #: Bumped whenever generation changes so that :func:`~clipground.data.world.ensure_world` regenerates.
-VERSION = 1
+VERSION = 2
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon")
 #: Canonical RGB of each colour name: saturated and far apart in hue on a dark background.
@@ -34,7 +47,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 SIZES: tuple[str, ...] = ("small", "large")
-SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional", "new-look", "paraphrase")
+#: Splits whose scenes are rendered (``paraphrase`` re-describes the ``test`` scenes).
+RENDERED_SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional", "new-look")
+#: Backgrounds and shape styles of the rendering families (``looks="many"``).
+BACKGROUNDS: tuple[str, ...] = ("dark", "light", "textured", "gradient")
+STYLES: tuple[str, ...] = ("flat", "shaded", "outlined")
+LOOKS = ("classic", "many")
+PHRASINGS = ("v1", "rich")
 #: Expression types, stored in each record's ``meta["type"]``.
 TYPES: tuple[str, ...] = ("attribute", "spatial", "relational", "ordinal")
 #: Index of each split in scene ids and in per-scene seeds.
@@ -77,15 +97,49 @@ class WorldConfig:
     size_ratio: float = 1.2  # clear ratio needed between sizes for biggest/smallest
     n_held_out: int = 4  # (colour, shape) pairs held out for the compositional split
     held_out_pairs: tuple[tuple[str, str], ...] | None = None  # explicit pairs; None = drawn from seed
+    looks: str = "many"  # "classic": the first world's single look; "many": rendering families per scene
+    phrasing: str = "rich"  # "v1": the first grammar; "rich": paraphrases of every relation and attribute
+    n_new_look: int = 300  # scenes in held-out rendering families (looks="many")
+    held_out_looks: tuple[tuple[str, str], ...] = (("light", "shaded"), ("textured", "outlined"), ("gradient", "flat"))
+    image_sizes: tuple[int, int] = (96, 224)  # looks="many": each scene's side drawn from this range
+    rotations: tuple[float, float] = (10.0, 35.0)  # looks="many": each scene's max rotation (degrees)
+
+    @classmethod
+    def v1(cls, **kwargs: Any) -> "WorldConfig":
+        """The first world's settings (one look, the first grammar, no new-look scenes)."""
+        return cls(**{"looks": "classic", "phrasing": "v1", "n_new_look": 0, **kwargs})
+
+    @property
+    def n_paraphrase(self) -> int:
+        """``paraphrase`` has no scenes of its own (it re-describes ``test``)."""
+        return 0
 
     def validate(self) -> None:
         """Raise :class:`WorldConfigError` with a one-line reason if the config is unusable."""
+        if self.looks not in LOOKS:
+            raise WorldConfigError(f"looks must be one of {', '.join(LOOKS)}, got {self.looks!r}")
+        if self.phrasing not in PHRASINGS:
+            raise WorldConfigError(f"phrasing must be one of {', '.join(PHRASINGS)}, got {self.phrasing!r}")
         if not 128 <= self.image_size <= 224:
             raise WorldConfigError(f"image_size must be between 128 and 224, got {self.image_size}")
-        for s in SPLITS:
-            n = getattr(self, f"n_{s}")
+        lo, hi = self.image_sizes
+        if not 96 <= lo <= hi <= 224:
+            raise WorldConfigError(f"image_sizes must lie in [96, 224], got {list(self.image_sizes)}")
+        if not 0 <= self.rotations[0] <= self.rotations[1] <= 45:
+            raise WorldConfigError(f"rotations must lie in [0, 45] degrees, got {list(self.rotations)}")
+        looks = [tuple(x) for x in self.held_out_looks]
+        for b, st in looks:
+            if b not in BACKGROUNDS or st not in STYLES:
+                raise WorldConfigError(f"held-out look {[b, st]} is not [background, style] "
+                                       f"(backgrounds {', '.join(BACKGROUNDS)}; styles {', '.join(STYLES)})")
+        if len(looks) >= len(BACKGROUNDS) * len(STYLES) or len(set(looks)) != len(looks):
+            raise WorldConfigError("held_out_looks must be distinct and leave training looks")
+        if self.looks == "classic" and self.n_new_look:
+            raise WorldConfigError("a classic-look world has no held-out looks: set n_new_look=0")
+        for s in RENDERED_SPLITS:
+            n = getattr(self, f"n_{s.replace('-', '_')}")
             if not 0 <= n < ID_STRIDE:
-                raise WorldConfigError(f"n_{s} must be between 0 and {ID_STRIDE - 1}, got {n}")
+                raise WorldConfigError(f"n_{s.replace('-', '_')} must be between 0 and {ID_STRIDE - 1}, got {n}")
         if not 2 <= self.min_objects <= self.max_objects <= 8:
             raise WorldConfigError(f"need 2 <= min_objects <= max_objects <= 8, got {self.min_objects}, {self.max_objects}")
         if not 1 <= self.min_expressions <= self.max_expressions:
@@ -123,6 +177,10 @@ class WorldConfig:
         """Positional margin in pixels at this image size."""
         return self.margin_px * self.scale
 
+    def margin_at(self, side: int) -> float:
+        """Positional margin in pixels for a scene of side ``side`` (scenes vary with ``looks="many"``)."""
+        return self.margin_px * (side / 128.0)
+
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form (tuples become lists), as stored in ``world.json``."""
         return json.loads(json.dumps(asdict(self)))
@@ -135,12 +193,21 @@ class WorldConfig:
         extra = set(d) - known
         if extra:
             raise WorldConfigError(f"unknown world config fields: {sorted(extra)}")
-        for k in ("small_px", "large_px"):
+        for k in ("small_px", "large_px", "rotations"):
             if k in d:
                 d[k] = tuple(float(v) for v in d[k])
-        if d.get("held_out_pairs") is not None:
-            d["held_out_pairs"] = tuple(tuple(p) for p in d["held_out_pairs"])
+        if "image_sizes" in d:
+            d["image_sizes"] = tuple(int(v) for v in d["image_sizes"])
+        for k in ("held_out_pairs", "held_out_looks"):
+            if d.get(k) is not None:
+                d[k] = tuple(tuple(p) for p in d[k])
         return cls(**d)
+
+
+def training_looks(cfg: WorldConfig) -> list[tuple[str, str]]:
+    """The (background, style) families of train/val/test/compositional scenes (``looks="many"``)."""
+    held = {tuple(x) for x in cfg.held_out_looks}
+    return [(b, s) for b in BACKGROUNDS for s in STYLES if (b, s) not in held]
 
 
 def held_out_pairs(cfg: WorldConfig) -> list[tuple[str, str]]:

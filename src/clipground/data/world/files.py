@@ -40,6 +40,7 @@ from ..records import GroundingRecord
 from .config import (
     COLOURS,
     ID_STRIDE,
+    RENDERED_SPLITS,
     SHAPES,
     SPLIT_INDEX,
     SPLITS,
@@ -48,10 +49,11 @@ from .config import (
     WorldConfig,
     WorldConfigError,
     held_out_pairs,
+    training_looks,
 )
-from .expressions import describe
-from .grammar import TEMPLATES
-from .render import SceneObject, render_scene
+from .expressions import describe, paraphrase
+from .grammar import FORMS, HELD_OUT_FORMS, TEMPLATES
+from .render import SceneObject, draw_look, render_scene
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:
@@ -91,18 +93,45 @@ def _scene_rng(cfg: WorldConfig, split: str, i: int) -> Generator:
     return Generator(PCG64(SeedSequence([cfg.seed, SPLIT_INDEX[split], i])))
 
 
+def _record(e: Any, scene: Any, img_path: Path, scene_id: int, split: str, look: str | None) -> GroundingRecord:
+    """The record of one expression (``look``: the rendering family, with ``looks="many"``)."""
+    meta = e.meta(scene_id)
+    if look is not None:
+        meta["look"] = look
+    return GroundingRecord(image=str(img_path), expression=e.text, box=[float(v) for v in scene.objects[e.target].box],
+                           image_id=str(scene_id), ref_id=f"{scene_id}_{e.target}", split=split, meta=meta)
+
+
+def _write_split_files(out_dir: Path, split: str, records: list[GroundingRecord], images: list[dict[str, Any]],
+                       annotations: list[dict[str, Any]]) -> None:
+    write_jsonl(records, out_dir / f"{split}.jsonl", relative_to=out_dir)
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": k + 1, "name": s} for k, s in enumerate(SHAPES)],
+        "info": {"description": f"clipground synthetic world, split {split}", "version": VERSION},
+    }
+    atomic_write(out_dir / f"instances_{split}.json", _compact_json(coco))
+
+
 def _generate_split(
     out_dir: Path, split: str, cfg: WorldConfig, held: list[tuple[str, str]], progress: bool
 ) -> dict[str, Any]:
-    """Render, describe and write one split; returns its counts for ``world.json``."""
-    n = getattr(cfg, f"n_{split}")
+    """Render, describe and write one split; returns its counts for ``world.json``.
+
+    With the rich grammar, ``test`` also writes ``paraphrase``: its expressions re-said in
+    held-out forms over the same scenes (and the same COCO file).
+    """
+    n = getattr(cfg, f"n_{split.replace('-', '_')}")
     img_dir = out_dir / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     comp = split == "compositional"
+    new_look = split == "new-look"
     type_counts = {t: 0 for t in TYPES}
     rel_counts: dict[str, int] = {}
     stats = {"checker_rejections": 0, "resampled_scenes": 0}
     records: list[GroundingRecord] = []
+    twins: list[GroundingRecord] = []
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     written: set[str] = set()
@@ -110,8 +139,10 @@ def _generate_split(
         scene_id = SPLIT_INDEX[split] * ID_STRIDE + i
         rng = _scene_rng(cfg, split, i)
         while True:
-            scene = render_scene(rng, cfg, compositional=comp, held_out=held)
-            exprs = describe(scene, rng, cfg, compositional=comp, held_out=held, type_counts=type_counts, stats=stats)
+            look = draw_look(rng, cfg, new_look)
+            scene = render_scene(rng, cfg, compositional=comp, held_out=held, look=look)
+            exprs = describe(scene, rng, cfg, compositional=comp, held_out=held, type_counts=type_counts,
+                             stats=stats, new_look=new_look)
             if exprs:
                 break
             stats["resampled_scenes"] += 1
@@ -136,31 +167,21 @@ def _generate_split(
                     "segmentation": rle_encode(o.mask) if o.mask is not None else None,
                 }
             )
-        for e in exprs:
+        family = look.family if cfg.looks == "many" else None
+        for k, e in enumerate(exprs):
             rel_counts[e.relation or "none"] = rel_counts.get(e.relation or "none", 0) + 1
-            records.append(
-                GroundingRecord(
-                    image=str(img_path),
-                    expression=e.text,
-                    box=[float(v) for v in scene.objects[e.target].box],
-                    image_id=str(scene_id),
-                    ref_id=f"{scene_id}_{e.target}",
-                    split=split,
-                    meta=e.meta(scene_id),
-                )
-            )
+            records.append(_record(e, scene, img_path, scene_id, split, family))
+            if split == "test" and cfg.phrasing == "rich":
+                twin = paraphrase(e, scene, cfg, Generator(PCG64(SeedSequence([cfg.seed, SPLIT_INDEX["paraphrase"], i, k]))))
+                if twin is not None:
+                    rec = _record(twin, scene, img_path, scene_id, "paraphrase", family)
+                    rec.meta["template"] = e.text  # the same target said in a training form (in test.jsonl)
+                    twins.append(rec)
     for stale in img_dir.glob("*.png"):  # scenes left over from a larger earlier world
         if re.fullmatch(r"\d{6}\.png", stale.name) and stale.name not in written:
             stale.unlink()
-    write_jsonl(records, out_dir / f"{split}.jsonl", relative_to=out_dir)
-    coco = {
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": k + 1, "name": s} for k, s in enumerate(SHAPES)],
-        "info": {"description": f"clipground synthetic world, split {split}", "version": VERSION},
-    }
-    atomic_write(out_dir / f"instances_{split}.json", _compact_json(coco))
-    return {
+    _write_split_files(out_dir, split, records, images, annotations)
+    out = {
         "scenes": n,
         "objects": len(annotations),
         "expressions": len(records),
@@ -168,6 +189,10 @@ def _generate_split(
         "relations": dict(sorted(rel_counts.items())),
         **stats,
     }
+    if split == "test":
+        _write_split_files(out_dir, "paraphrase", twins, images, annotations)
+        out["paraphrase_expressions"] = len(twins)
+    return out
 
 
 def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, progress: bool = True) -> Path:
@@ -182,7 +207,7 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, p
     out.mkdir(parents=True, exist_ok=True)
     (out / "world.json").unlink(missing_ok=True)
     held = held_out_pairs(cfg)
-    counts = {split: _generate_split(out, split, cfg, held, progress) for split in SPLITS}
+    counts = {split: _generate_split(out, split, cfg, held, progress) for split in RENDERED_SPLITS}
     s = cfg.scale
     world = {
         "version": VERSION,
@@ -196,10 +221,15 @@ def generate_world(out_dir: str | os.PathLike, cfg: WorldConfig | None = None, p
         "held_out_pairs": [list(p) for p in held],
         "margin_px": cfg.margin,
         "size_ratio": cfg.size_ratio,
-        "templates": TEMPLATES,
+        "templates": TEMPLATES if cfg.phrasing == "v1" else {t: {str(r): list(f) for r, f in rels.items()}
+                                                             for t, rels in FORMS.items()},
+        "held_out_forms": sorted(HELD_OUT_FORMS) if cfg.phrasing == "rich" else [],
+        "looks": {"training": [list(x) for x in training_looks(cfg)], "held_out": [list(x) for x in cfg.held_out_looks]}
+        if cfg.looks == "many" else "classic",
         "types": list(TYPES),
         "splits": list(SPLITS),
-        "scene_id": "split_index * 100000 + i, split_index: train 0, val 1, test 2, compositional 3",
+        "scene_id": "split_index * 100000 + i, split_index: train 0, val 1, test 2, compositional 3, new-look 4 "
+                    "(paraphrase reuses the test scenes)",
         "mask_format": "COCO uncompressed RLE in instances_{split}.json: column-major counts, zeros first",
         "box_format": "xyxy pixels, [xmin, ymin, xmax + 1, ymax + 1] of the mask",
         "counts": counts,
