@@ -28,8 +28,9 @@ from __future__ import annotations
 import argparse
 
 from clipground.backbone import ClipBackbone
-from clipground.backbone.features import DenseView, dense_features
+from clipground.backbone.features import DenseView
 from clipground.data.loaders import load_records
+from clipground.evaluation.probes import patch_hits
 from clipground.images import load_image
 
 
@@ -56,18 +57,7 @@ def main() -> None:
     if args.input_size:
         for dense in ("final", "value"):
             views[f"input_size={args.input_size}, dense={dense}"] = {"input_size": args.input_size, "dense": dense}
-    hits = {t: 0 for t in views}
-    chance = {t: 0.0 for t in views}
-    for r in recs:
-        im = load_image(r.image)
-        side = float(max(im.size))
-        t_emb = bb.text_embeds([r.expression])[0].float()
-        for t, view in views.items():
-            f = dense_features(bb, [im], DenseView(**view))
-            gh, gw = f["grid"]
-            k = int((f["patch_embeds"][0].float() @ t_emb).argmax())
-            hits[t] += cell_touches(r.box, k // gw, k % gw, gh, gw, side)
-            chance[t] += sum(cell_touches(r.box, i, j, gh, gw, side) for i in range(gh) for j in range(gw)) / (gh * gw)
+    res = {t: patch_hits(bb, recs, DenseView(**view)) for t, view in views.items()}
     win_hits, win_chance = 0, 0.0
     for r in recs if args.windows else []:
         im = load_image(r.image)
@@ -82,8 +72,8 @@ def main() -> None:
         win_chance += sum(cell_touches(r.box, i, j, g, g, side) for i in range(g) for j in range(g)) / (g * g)
     n = max(len(recs), 1)
     print(f"{args.backbone}: {n} attribute expressions of {args.world}/{args.split}")
-    for t in views:
-        print(f"{t}: argmax patch touches the target {hits[t] / n:.1%} (a random patch: {chance[t] / n:.1%})")
+    for t, r in res.items():
+        print(f"{t}: argmax patch touches the target {r['patch_hit']:.1%} (a random patch: {r['chance']:.1%})")
     if args.windows:
         print(f"windows {args.windows}x{args.windows}: argmax window touches the target {win_hits / n:.1%} "
               f"(a random window: {win_chance / n:.1%})")

@@ -15,8 +15,10 @@ from clipground.data.world import WorldConfig, generate_world, load_scene_object
 from clipground.training import checkpoint as C
 from clipground.training.config import ConfigError
 from clipground.training.pretrain import (
+    RegionCollator,
     RegionDataConfig,
     RegionSampler,
+    WorldRegionDataset,
     _iou,
     claim_true,
     load_pretrain_config,
@@ -179,3 +181,68 @@ def test_pretrain_resume_after_kill_equals_uninterrupted(world: Path, tmp_path: 
     b = load_file(str(tmp_path / "out_b" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+# --------------------------------------------------------------------------- whole scenes (world CLIP v2)
+
+RICH_WORLD = ["world.n_train=12", "world.n_val=10", "world.n_test=0", "world.n_compositional=4", "world.n_new_look=0",
+              "world.max_objects=5"]
+SCENES = ["data.scenes=true", "data.dense_patch=1.0", "data.dense_pool=0.5", "data.p_generic=0.3",
+          "data.p_synonym=0.5", "model.patch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def rich_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("rich_world")
+    return generate_world(d / "w", load_pretrain_config(None, RICH_WORLD).world, progress=False)
+
+
+def test_scene_items_label_every_patch_by_the_object_under_it(rich_world: Path) -> None:
+    from clipground.training.pretrain import build_processor
+
+    cfg = load_pretrain_config(None, RICH_WORLD + TINY_MODEL + SCENES)
+    ds = WorldRegionDataset(rich_world, cfg.data, 0, grid=4)
+    proc = build_processor(cfg.model, "rich")
+    items = [ds[i] for i in range(3)]
+    b = RegionCollator(proc)(items)
+    n_crops = b["n_crops"]
+    assert b["pixel_values"].shape[0] == n_crops + 3  # crops, then the whole scenes
+    assert b["input_ids"].shape[0] == n_crops + sum(len(it["captions"]) for it in items) + 1  # + "background"
+    for k, it in enumerate(items):
+        cover = it["cover"].float()
+        assert cover.shape == (len(it["captions"]), 16) and float(cover.max()) <= 1.0
+        n = len(it["captions"])
+        best, owner = cover.max(0)
+        for p in range(16):
+            row = b["patch_targets"][k, p]
+            if best[p] >= 0.5:  # an object's patch: exactly the captions true of that object
+                want = [claim_true(cl, it["contents"][int(owner[p])]) for cl in it["claims"]]
+                assert row[:n].tolist() == want and not row[n] and b["patch_valid"][k, p]
+            elif best[p] <= 0.05:  # background
+                assert row[n] and not row[:n].any() and b["patch_valid"][k, p]
+            else:
+                assert not b["patch_valid"][k, p]
+    texts = [c for it in items for c in it["captions"]]
+    assert any(w in " ".join(texts).split() for w in ("thing", "shape", "object", "big", "little"))
+
+
+def test_dense_pretraining_learns_and_resumes_exactly(rich_world: Path, tmp_path: Path) -> None:
+    def cfg(run: Path):
+        return load_pretrain_config(None, [f"output_dir={run}", "max_steps=6", "save_every=2", "eval_every=0",
+                                           "eval.compositional=false", *RICH_WORLD, *TINY_MODEL, *SCENES])
+
+    pretrain(rich_world, tmp_path / "out_a", cfg(tmp_path / "a"), progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all("dense" in r and "pool" in r for r in rows if "loss" in r)
+    gate = [r for r in rows if "eval/val_patch_hit" in r]
+    assert gate and 0.0 <= gate[-1]["eval/val_patch_hit"] <= 1.0
+    stopped = pretrain(rich_world, tmp_path / "out_b", cfg(tmp_path / "b"), progress=False, stop_after_steps=5)
+    assert not stopped.finished
+    pretrain(rich_world, tmp_path / "out_b", cfg(tmp_path / "b"), resume=True, progress=False)
+    a = load_file(str(tmp_path / "out_a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "out_b" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    from transformers import CLIPModel, CLIPProcessor
+
+    m, proc = CLIPModel.from_pretrained(tmp_path / "out_a"), CLIPProcessor.from_pretrained(tmp_path / "out_a")
+    assert m.config.vision_config.patch_size == 8 and len(proc.tokenizer("the big red thing")["input_ids"]) == 6

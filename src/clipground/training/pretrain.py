@@ -94,6 +94,11 @@ class RegionDataConfig:
     p_the: float = 0.4  # object captions start with "the" ...
     p_a: float = 0.3  # ... or "a"; otherwise no article ("red circle")
     max_scenes: int = 0  # use only the first N train scenes (0 = all); for tests
+    p_generic: float = 0.0  # object captions name a generic noun ("the red thing") instead of the shape
+    p_synonym: float = 0.0  # ... and say a size with its synonym ("big", "little")
+    scenes: bool = False  # also show each whole scene: the dense objectives below
+    dense_patch: float = 0.0  # weight: every patch names the object under it (or "background")
+    dense_pool: float = 0.0  # weight: mask-pooled patch embeddings of objects match their captions
 
 
 @dataclass
@@ -208,11 +213,11 @@ def _attrs(o: SceneObject) -> Attrs:
 
 def _np_text(np_: NP) -> str:
     shape, colour, size = np_
-    return " ".join(w for w in (size, colour, shape) if w)
+    return " ".join(w for w in (size, colour, shape or "thing") if w)
 
 
 def _np_matches(np_: NP, a: Attrs) -> bool:
-    return np_[0] == a[0] and np_[1] in (None, a[1]) and np_[2] in (None, a[2])
+    return np_[0] in (None, a[0]) and np_[1] in (None, a[1]) and np_[2] in (None, a[2])
 
 
 def _iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -279,7 +284,25 @@ class RegionSampler:
     # ---- captions
     def _np(self, rng: np.random.Generator, a: Attrs, p_colour: float | None = None) -> NP:
         pc = self.cfg.p_colour if p_colour is None else p_colour
-        return (a[0], a[1] if rng.random() < pc else None, a[2] if rng.random() < self.cfg.p_size else None)
+        np_ = (a[0], a[1] if rng.random() < pc else None, a[2] if rng.random() < self.cfg.p_size else None)
+        if self.cfg.p_generic > 0 and rng.random() < self.cfg.p_generic:  # "the red thing" (any shape)
+            np_ = (None, np_[1] if np_[1] or np_[2] else a[1], np_[2])
+        return np_
+
+    @property
+    def rich(self) -> bool:
+        """Captions in the rich grammar's words (synonyms, generic nouns, "an")."""
+        return self.cfg.p_synonym > 0 or self.cfg.p_generic > 0
+
+    def _say(self, rng: np.random.Generator, np_: NP) -> str:
+        """A noun phrase as text: its words, or (rich captions) a size synonym and a generic noun."""
+        if not self.rich:
+            return _np_text(np_)
+        shape, colour, size = np_
+        if size and rng.random() < self.cfg.p_synonym:
+            size = {"small": "little", "large": "big"}[size]
+        noun = shape or ("thing", "shape", "object")[int(rng.integers(3))]
+        return " ".join(w for w in (size, colour, noun) if w)
 
     def _article(self, rng: np.random.Generator) -> str:
         return str(self.articles[int(rng.choice(len(self.articles), p=self.article_p))])
@@ -289,18 +312,21 @@ class RegionSampler:
         if kind == "object":
             np_ = self._np(rng, content[1])
             art = self._article(rng)
-            return ("object", np_), (f"{art} {_np_text(np_)}").strip()
+            text = self._say(rng, np_)
+            if self.rich and art == "a" and text[:1] in "aeiou":
+                art = "an"
+            return ("object", np_), (f"{art} {text}").strip()
         if kind == "part":
             np_ = self._np(rng, content[1], 0.8)
-            return ("part", np_), f"part of a {_np_text(np_)}"
+            return ("part", np_), f"part of a {self._say(rng, np_)}"
         if kind == "loose":
             np_ = self._np(rng, content[1], 0.8)
-            return ("loose", np_), f"background around a {_np_text(np_)}"
+            return ("loose", np_), f"background around a {self._say(rng, np_)}"
         if kind == "pair":
             n1, n2 = self._np(rng, content[1], 0.8), self._np(rng, content[2], 0.8)
             if rng.random() < 0.5:
                 n1, n2 = n2, n1
-            return ("pair", n1, n2), f"a {_np_text(n1)} and a {_np_text(n2)}"
+            return ("pair", n1, n2), f"a {self._say(rng, n1)} and a {self._say(rng, n2)}"
         return ("background",), "background"
 
     # ---- boxes
@@ -396,24 +422,50 @@ class RegionSampler:
 
 
 class WorldRegionDataset(torch.utils.data.Dataset):
-    """Train-split scenes; item ``i`` of epoch ``e`` is a fixed random set of rendered regions.
+    """Train-split scenes; item ``i`` of epoch ``e`` is a fixed random set of rendered regions
+    (and, with ``cfg.scenes``, the whole scene with a caption per object).
 
     Randomness comes from ``(seed, epoch, i)`` only, so any epoch can be replayed exactly
-    (what exact resume needs). Scene images are decoded once and kept in memory.
+    (what exact resume needs). Scene images are decoded once and kept in memory; with
+    ``cfg.scenes`` each object's share of every cell of the model's ``grid x grid`` patch grid
+    is computed once from its mask.
     """
 
-    def __init__(self, world_dir: str | os.PathLike, cfg: RegionDataConfig, seed: int, split: str = "train") -> None:
+    def __init__(self, world_dir: str | os.PathLike, cfg: RegionDataConfig, seed: int, split: str = "train",
+                 grid: int = 0) -> None:
         self.world = Path(world_dir)
         self.cfg, self.seed, self.epoch = cfg, seed, 0
         coco = json.loads((self.world / f"instances_{split}.json").read_text(encoding="utf-8"))
-        objects = load_scene_objects(self.world, split)
         images = sorted(coco["images"], key=lambda im: im["id"])
         if cfg.max_scenes > 0:
             images = images[: cfg.max_scenes]
+        objects = load_scene_objects(self.world, split)
         self.files = [self.world / im["file_name"] for im in images]
         self.objects = [objects[str(im["id"])] for im in images]
         self._images: list[Image.Image | None] = [None] * len(images)
         self.sampler = RegionSampler(cfg)
+        self.cover: list[torch.Tensor] = []
+        if cfg.scenes:
+            if grid < 1:
+                raise ConfigError("data.scenes needs the model's patch grid")
+            self.cover = self._coverage(coco, images, grid)
+
+    @staticmethod
+    def _coverage(coco: dict[str, Any], images: list[dict[str, Any]], grid: int) -> list[torch.Tensor]:
+        """Per scene ``(objects, grid * grid)``: the share of each patch cell each object's mask covers."""
+        import cv2
+
+        from ..data.world import rle_decode
+
+        anns: dict[int, list[dict[str, Any]]] = {}
+        for a in sorted(coco["annotations"], key=lambda a: a["id"]):
+            anns.setdefault(a["image_id"], []).append(a)
+        out = []
+        for im in images:
+            rows = [cv2.resize(rle_decode(a["segmentation"]).astype(np.float32), (grid, grid),
+                               interpolation=cv2.INTER_AREA).reshape(-1) for a in anns.get(im["id"], [])]
+            out.append(torch.from_numpy(np.stack(rows)).half() if rows else torch.zeros(0, grid * grid).half())
+        return out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -427,44 +479,106 @@ class WorldRegionDataset(torch.utils.data.Dataset):
                 self._images[i] = im.convert("RGB")
         return self._images[i]  # type: ignore[return-value]
 
-    def __getitem__(self, i: int) -> list[tuple[Image.Image, Region]]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.epoch, i])
         img = self.image(i)
         w, h = img.size
         regions = self.sampler.sample(rng, self.objects[i], w, h, self.cfg.regions_per_scene)
         kinds = [self.sampler.view(rng) for _ in regions]
         blurred = blur_image(img) if "blur" in kinds else None
-        return [(render_view(k, img, r.box, blurred), r) for k, r in zip(kinds, regions)]
+        item: dict[str, Any] = {"crops": [(render_view(k, img, r.box, blurred), r) for k, r in zip(kinds, regions)]}
+        if self.cfg.scenes:  # drawn after the crops: a crops-only config sees the same regions
+            said = [self.sampler.caption(rng, "object", ("object", _attrs(o))) for o in self.objects[i]]
+            item.update(scene=img, claims=[c for c, _ in said], captions=[t for _, t in said],
+                        contents=[("object", _attrs(o)) for o in self.objects[i]], cover=self.cover[i])
+        return item
 
 
 class RegionCollator:
-    """Batch of scenes -> pixel values, tokens and the multi-positive target matrix."""
+    """Batch of scenes -> pixel values, tokens and the multi-positive targets.
+
+    Crops: ``targets[i, j]``, caption ``j`` is true of region ``i``. Whole scenes (when the
+    items carry them): each scene's candidate captions (its objects' and ``background``),
+    which of them are true at every patch (``patch_targets``; a patch mostly covered by one
+    object, or by none, is scored; a patch on an object's edge is not), and each object's
+    patch coverage with the claim matrix of all scene captions (the pooled objective).
+    """
+
+    #: A patch belongs to an object when this share of it is covered, to the background when
+    #: no object covers more than the second share.
+    ON, OFF = 0.5, 0.05
 
     def __init__(self, processor) -> None:
         self.processor = processor
 
-    def __call__(self, items: list[list[tuple[Image.Image, Region]]]) -> dict[str, torch.Tensor]:
-        flat = [x for item in items for x in item]
+    @staticmethod
+    def _targets(claims: list[tuple], contents: list[tuple]) -> torch.Tensor:
+        """``[i, j]``: caption claim ``j`` is true of content ``i``."""
+        return torch.tensor([[claim_true(cl, c) for cl in claims] for c in contents], dtype=torch.bool)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        flat = [x for item in items for x in item["crops"]]
         images = [im for im, _ in flat]
         regions = [r for _, r in flat]
+        captions = [r.caption for r in regions]
+        out: dict[str, Any] = {}
+        scenes = [it for it in items if "scene" in it]
+        if scenes:
+            out.update(self._scenes(scenes, len(captions)))
+            captions = captions + [c for it in scenes for c in it["captions"]] + ["background"]
+            images = images + [it["scene"] for it in scenes]
         pix = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        tok = self.processor.tokenizer([r.caption for r in regions], padding=True, return_tensors="pt")
-        # targets[i, j]: caption j is true of region i.
-        claims = {}
+        tok = self.processor.tokenizer(captions, padding=True, return_tensors="pt")
+        # targets[i, j]: caption j is true of region i (contents and claims deduplicated first).
+        claims: dict[tuple, int] = {}
         for r in regions:
             claims.setdefault(r.claim, len(claims))
-        contents = {}
+        contents: dict[tuple, int] = {}
         for r in regions:
             contents.setdefault(r.content, len(contents))
-        table = torch.zeros(len(contents), len(claims), dtype=torch.bool)
-        for c, ci in contents.items():
-            for cl, cj in claims.items():
-                table[ci, cj] = claim_true(cl, c)
+        table = self._targets(list(claims), list(contents))
         ri = torch.tensor([contents[r.content] for r in regions])
         cj = torch.tensor([claims[r.claim] for r in regions])
-        targets = table[ri][:, cj]
-        return {"pixel_values": pix, "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
-                "targets": targets}
+        out.update({"pixel_values": pix, "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"],
+                    "targets": table[ri][:, cj], "n_crops": len(regions)})
+        return out
+
+    def _scenes(self, scenes: list[dict[str, Any]], first: int) -> dict[str, torch.Tensor]:
+        n_caps = sum(len(it["captions"]) for it in scenes)
+        background = first + n_caps
+        cmax = max(len(it["captions"]) for it in scenes) + 1
+        p = int(scenes[0]["cover"].shape[1])
+        cand = torch.full((len(scenes), cmax), background, dtype=torch.long)
+        cand_mask = torch.zeros(len(scenes), cmax, dtype=torch.bool)
+        patch_targets = torch.zeros(len(scenes), p, cmax, dtype=torch.bool)
+        patch_valid = torch.zeros(len(scenes), p, dtype=torch.bool)
+        obj_scene, obj_cover, all_claims, all_contents = [], [], [], []
+        k = first
+        for b, it in enumerate(scenes):
+            n = len(it["captions"])
+            cand[b, :n] = torch.arange(k, k + n)
+            cand_mask[b, : n + 1] = True
+            cover = it["cover"].float()
+            true = self._targets(it["claims"], it["contents"])  # [object, caption]
+            if n:
+                best, owner = cover.max(0)
+                on = best >= self.ON
+                patch_targets[b, on, :n] = true[owner[on]]
+                off = best <= self.OFF
+            else:
+                on = torch.zeros(p, dtype=torch.bool)
+                off = torch.ones(p, dtype=torch.bool)
+            patch_targets[b, off, n] = True
+            patch_valid[b] = on | off
+            obj_scene += [b] * n
+            obj_cover.append(cover)
+            all_claims += it["claims"]
+            all_contents += it["contents"]
+            k += n
+        return {"scene_candidates": cand, "scene_candidate_mask": cand_mask, "patch_targets": patch_targets,
+                "patch_valid": patch_valid, "object_scene": torch.tensor(obj_scene, dtype=torch.long),
+                "object_cover": torch.cat(obj_cover), "object_targets": self._targets(all_claims, all_contents),
+                "scene_captions": torch.arange(first, first + n_caps)}
 
 
 def multi_positive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -484,20 +598,53 @@ def multi_positive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """CLIP forward (through the DDP wrapper) + multi-positive loss."""
-    with torch.no_grad():
-        _unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"])
-    logits = out.logits_per_image.float()
-    targets = batch["targets"].to(logits.device)
-    loss = multi_positive_loss(logits, targets)
-    with torch.no_grad():
-        top = logits.argmax(1)
-        acc = targets[torch.arange(len(top), device=top.device), top].float().mean()
-        scale = _unwrap(model).logit_scale.detach().exp()
-    return loss, {"r2t_acc": float(acc), "logit_scale": float(scale)}
+def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against targets uniform over every true entry (rows without one are skipped)."""
+    t = targets.float()
+    keep = t.sum(-1) > 0
+    p = t[keep] / t[keep].sum(-1, keepdim=True)
+    return -(p * torch.log_softmax(logits[keep], -1)).sum(-1).mean()
+
+
+def make_loss_fn(cfg: RegionDataConfig) -> Any:
+    """The trainer's ``loss_fn``: the crops' multi-positive loss and, with ``cfg.scenes``, the dense ones."""
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """One CLIP forward through the DDP wrapper (crops and scenes together), then the losses."""
+        m = _unwrap(model)
+        with torch.no_grad():
+            m.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"])
+        n = int(batch["n_crops"])
+        scale = m.logit_scale.exp()
+        text = out.text_embeds.float()
+        logits = out.logits_per_image[:n, :n].float()  # crops x their captions (one caption per crop)
+        targets = batch["targets"].to(logits.device)
+        loss = multi_positive_loss(logits, targets)
+        metrics: dict[str, float] = {}
+        if "patch_targets" in batch:
+            patches = out.vision_model_output.last_hidden_state[n:, 1:]
+            pe = torch.nn.functional.normalize(m.visual_projection(m.vision_model.post_layernorm(patches)).float(), dim=-1)
+            cand = text[batch["scene_candidates"]]  # (B, C, D)
+            pl = (scale * torch.einsum("bpd,bcd->bpc", pe, cand)).masked_fill(
+                ~batch["scene_candidate_mask"][:, None, :], -1e4)
+            valid = batch["patch_valid"]
+            dense = _soft_ce(pl[valid], batch["patch_targets"][valid])
+            cover = batch["object_cover"].float()
+            w = cover / cover.sum(1, keepdim=True).clamp(min=1e-6)
+            pooled = torch.nn.functional.normalize(torch.einsum("op,opd->od", w, pe[batch["object_scene"]]), dim=-1)
+            pool = multi_positive_loss(scale * pooled @ text[batch["scene_captions"]].T, batch["object_targets"])
+            loss = loss + cfg.dense_patch * dense + cfg.dense_pool * pool
+            with torch.no_grad():
+                hit = batch["patch_targets"][valid].gather(1, pl[valid].argmax(-1, keepdim=True)).float().mean()
+            metrics = {"dense": float(dense.detach()), "pool": float(pool.detach()), "patch_acc": float(hit)}
+        with torch.no_grad():
+            top = logits.argmax(1)
+            acc = targets[torch.arange(len(top), device=top.device), top].float().mean()
+        return loss, {"r2t_acc": float(acc), "logit_scale": float(scale.detach()), **metrics}
+
+    return loss_fn
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -561,7 +708,9 @@ def make_eval_fn(world: Path, processor: Any, cfg: EvalConfig, seed: int):
     (``relations=False``: the gate measures the region model, not the rules) on the model being
     trained: ``{split}_acc`` with the scene's ground-truth boxes as candidates, ``{split}_acc_np``
     with the bare noun phrase, ``{split}_acc_hard`` with hard boxes added to the candidates,
-    ``{split}_acc_<view>`` with one view alone, and ``compositional_acc`` / ``_acc_np``.
+    ``{split}_acc_<view>`` with one view alone, and ``compositional_acc`` / ``_acc_np``; and
+    ``{split}_patch_hit``: how often the patch most similar to the phrase touches the target
+    (:func:`clipground.evaluation.probes.patch_hits`).
     """
     from ..evaluation import evaluate
     from ..grounder import Grounder
@@ -591,12 +740,15 @@ def make_eval_fn(world: Path, processor: Any, cfg: EvalConfig, seed: int):
                  ("compositional_acc_np", _noun_phrase_records(comp), tuple(cfg.views), gt["compositional"])]
 
     def eval_fn(model: torch.nn.Module) -> dict[str, float]:
+        from ..evaluation.probes import patch_hits
+
         backbone = as_backbone(model, processor)  # a fresh wrapper: no text memo from older weights
         out = {}
         for name, records, views, proposals in runs:
             method = ZeroShotScorer(backbone, ZeroShotConfig(views=views, relations=False))
             res = evaluate(Grounder(method, proposals), records, progress=False, examples=0)
             out[name] = res.metrics["acc@0.5"]
+        out[f"{cfg.split}_patch_hit"] = patch_hits(backbone, main)["patch_hit"]  # does the best patch touch it
         return out
 
     return eval_fn
@@ -688,9 +840,9 @@ def pretrain(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pret
     set_seed(cfg.train.seed)
     processor = build_processor(cfg.model, (load_world_config(world) or cfg.world).phrasing)
     model = build_model(cfg.model, processor.tokenizer)
-    dataset = WorldRegionDataset(world, cfg.data, cfg.train.seed)
+    dataset = WorldRegionDataset(world, cfg.data, cfg.train.seed, grid=cfg.model.image_size // cfg.model.patch_size)
     eval_fn = make_eval_fn(world, processor, cfg.eval, cfg.train.seed)
-    trainer = Trainer(cfg.train, model, dataset, RegionCollator(processor), loss_fn, eval_fn=eval_fn,
+    trainer = Trainer(cfg.train, model, dataset, RegionCollator(processor), make_loss_fn(cfg.data), eval_fn=eval_fn,
                       extra_state={"pretrain_config": to_dict(cfg)})
     result = trainer.fit(resume=resume, stop_after_steps=stop_after_steps)
     if not result.finished:
