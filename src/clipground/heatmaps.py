@@ -144,12 +144,24 @@ class BlipItmHeatmap(HeatmapSource):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.processor = load_pretrained(BlipProcessor, model, "BLIP processor", opt, alt)
+        self._setup(prompt, layer)
+
+    def _setup(self, prompt: str, layer: int) -> None:
         n = len(self.model.text_encoder.encoder.layer)
         # In the last layer only the [CLS] row reaches the ITM head, so prefer an earlier one.
         self.layer = min(layer, max(n - 2, 0)) if layer >= 0 else n + layer
         self.last = self.layer == n - 1
         self.prompt = prompt
-        self.device = torch.device(device)
+        self.device = next(self.model.parameters()).device
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, processor: Any, layer: int = 7, prompt: str = "{}") -> "BlipItmHeatmap":
+        """Wrap an in-memory ``BlipForImageTextRetrieval`` + ``BlipProcessor`` (e.g. one being trained;
+        its config must use eager attention, so cross-attention probabilities are returned)."""
+        heat = cls.__new__(cls)
+        heat.model, heat.processor = model, processor
+        heat._setup(prompt, layer)
+        return heat
 
     def prepare(self, image: Image.Image) -> dict[str, Any]:
         w, h = image.size

@@ -191,6 +191,16 @@ class SamSegmenter(Segmenter):
         self.prompt = prompt
         self.device = torch.device(device)
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, processor: Any, prompt: str = "point+box") -> "SamSegmenter":
+        """Wrap an in-memory ``SamModel`` + ``SamProcessor`` (e.g. one being trained)."""
+        if prompt not in SAM_PROMPTS:
+            raise UnknownNameError(f"unknown sam_prompt {prompt!r}; choose from {list(SAM_PROMPTS)}")
+        seg = cls.__new__(cls)
+        seg.model, seg.processor, seg.prompt = model, processor, prompt
+        seg.device = next(model.parameters()).device
+        return seg
+
     def prepare(self, image: Image.Image) -> dict[str, Any]:
         inp = self.processor(images=image, return_tensors="pt")
         emb = self.model.get_image_embeddings(inp["pixel_values"].to(self.device))

@@ -1,4 +1,5 @@
-"""``clipground pretrain``: pretrain the small world CLIP (see :mod:`clipground.training.pretrain`)."""
+"""``clipground pretrain``: pretrain a small world model, the CLIP (:mod:`clipground.training.pretrain`)
+the SAM (:mod:`clipground.training.pretrain_sam`) or the BLIP (:mod:`clipground.training.pretrain_blip`)."""
 
 from __future__ import annotations
 
@@ -13,23 +14,36 @@ def pretrain(
     world: str = typer.Option(..., "--world", help="Synthetic world directory (generated if it does not exist)."),
     out: str = typer.Option(..., "--out", help="Where the final save_pretrained checkpoint is written."),
     config: str | None = typer.Option(None, "--config", help="YAML config, e.g. configs/pretrain_world_clip.yaml."),
+    model: str = typer.Option("clip", "--model", help="Which world model: clip (CLIPModel), sam (SamModel) or blip (BlipForImageTextRetrieval)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
     overrides: list[str] = typer.Argument(None, help="Config overrides key=value (e.g. max_steps=100 train.lr=5e-4)."),
 ) -> None:
-    """Pretrain the small world CLIP on region-caption pairs of the world's train split.
+    """Pretrain a small world model on the world's train split: the CLIP (region captions and
+    whole scenes), with --model sam the promptable segmenter (masks, box and point prompts), with
+    --model blip the image-text matcher whose Grad-CAM heatmap heatmap-segment reads.
 
     Checkpoints, metrics.jsonl and learning_curve.png go to train.output_dir; OUT gets the
-    model, processor and RECIPE.md (load with CLIPModel/CLIPProcessor.from_pretrained).
+    model, processor and RECIPE.md (load with CLIPModel/SamModel/BlipForImageTextRetrieval + processor .from_pretrained).
     Several processes: accelerate launch --multi_gpu --num_processes N -m clipground.cli.main pretrain ...
     """
     from rich.console import Console
 
-    from ..training.pretrain import load_pretrain_config
-    from ..training.pretrain import pretrain as run_pretrain
+    from ..errors import UnknownNameError
     from .common import quiet_transformers
 
     quiet_transformers()
-    cfg = load_pretrain_config(config, list(overrides or []))
+    if model == "clip":
+        from ..training.pretrain import load_pretrain_config as load_cfg
+        from ..training.pretrain import pretrain as run_pretrain
+    elif model == "sam":
+        from ..training.pretrain_sam import load_sam_pretrain_config as load_cfg
+        from ..training.pretrain_sam import pretrain_sam as run_pretrain
+    elif model == "blip":
+        from ..training.pretrain_blip import load_blip_pretrain_config as load_cfg
+        from ..training.pretrain_blip import pretrain_blip as run_pretrain
+    else:
+        raise UnknownNameError(f"unknown --model {model!r}; choose from clip, sam, blip")
+    cfg = load_cfg(config, list(overrides or []))
     # --resume is left out of the recorded command: a resumed run ends with the same weights.
     argv = [a for a in sys.argv[1:] if a != "--resume"]
     command = "clipground " + " ".join(shlex.quote(a) for a in argv) if argv else "clipground pretrain"

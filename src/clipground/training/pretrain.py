@@ -770,6 +770,27 @@ def save_checkpoint_dir(model: torch.nn.Module, processor, out: str | os.PathLik
     return out
 
 
+def save_pretraining_run(final: torch.nn.Module, processor: Any, out_dir: str | os.PathLike, cfg: Any, command: str,
+                         world: Path, result: TrainResult, recipe_md: Any) -> Path:
+    """Save a finished world-model run: the trained model and its processor (``save_pretrained``),
+    ``RECIPE.md`` (``recipe_md(cfg, command, world, result, n_params)``), ``recipe.json`` and the
+    learning curve."""
+    n_params = sum(p.numel() for p in final.parameters())
+    extra = {
+        "RECIPE.md": recipe_md(cfg, command, world, result, n_params).encode(),
+        "recipe.json": json.dumps({"command": command, "seed": cfg.train.seed, "world_dir": str(world),
+                                   "world": (load_world_config(world) or cfg.world).to_json(),
+                                   "config": to_dict(cfg),
+                                   "wall_time_s": result.wall_time_s, "cpu_time_s": result.cpu_time_s,
+                                   "steps": result.step,
+                                   "params": n_params, "metrics": result.last_eval}, indent=1).encode(),
+    }
+    curve = Path(cfg.train.output_dir) / "learning_curve.png"
+    if curve.is_file():
+        extra["learning_curve.png"] = curve.read_bytes()
+    return save_checkpoint_dir(final, processor, out_dir, extra)
+
+
 def _recipe_md(cfg: PretrainConfig, command: str, world: Path, result: TrainResult, n_params: int) -> str:
     import yaml
 
@@ -845,24 +866,7 @@ def pretrain(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pret
     trainer = Trainer(cfg.train, model, dataset, RegionCollator(processor), make_loss_fn(cfg.data), eval_fn=eval_fn,
                       extra_state={"pretrain_config": to_dict(cfg)})
     result = trainer.fit(resume=resume, stop_after_steps=stop_after_steps)
-    if not result.finished:
-        return result
-    if state.is_main_process:
-        final = trainer.unwrapped_model()
-        n_params = sum(p.numel() for p in final.parameters())
-        run_dir = Path(cfg.train.output_dir)
-        extra = {
-            "RECIPE.md": _recipe_md(cfg, command, world, result, n_params).encode(),
-            "recipe.json": json.dumps({"command": command, "seed": cfg.train.seed, "world_dir": str(world),
-                                       "world": (load_world_config(world) or cfg.world).to_json(),
-                                       "config": to_dict(cfg),
-                                       "wall_time_s": result.wall_time_s, "cpu_time_s": result.cpu_time_s,
-                                       "steps": result.step,
-                                       "params": n_params, "metrics": result.last_eval}, indent=1).encode(),
-        }
-        curve = run_dir / "learning_curve.png"
-        if curve.is_file():
-            extra["learning_curve.png"] = curve.read_bytes()
-        save_checkpoint_dir(final, processor, out_dir, extra)
+    if result.finished and state.is_main_process:
+        save_pretraining_run(trainer.unwrapped_model(), processor, out_dir, cfg, command, world, result, _recipe_md)
     state.wait_for_everyone()
     return result

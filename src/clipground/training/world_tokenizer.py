@@ -119,3 +119,40 @@ def build_world_tokenizer(words: Iterable[str] | None = None, model_max_length: 
         if len(ids) != 1:
             raise RuntimeError(f"world tokenizer splits {w!r} into {len(ids)} tokens")
     return tok
+
+
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_world_bert_tokenizer(phrasing: str = "rich", model_max_length: int = 32):
+    """A WordPiece ``BertTokenizer`` (what ``BlipProcessor`` expects) over the world's words.
+
+    Every world word (whole, as BERT's pre-tokenizer leaves "2nd" whole) is one token; single
+    letters and digits, bare and as ``##`` continuations, make any other lowercase word a
+    letter sequence instead of ``[UNK]``. Deterministic ids; saves and loads with
+    ``BertTokenizer``/``BlipProcessor.from_pretrained(dir)``.
+    """
+    import string
+    import tempfile
+    from pathlib import Path
+
+    from transformers import BertTokenizer
+
+    from ..data.world.grammar import FORMS
+
+    words = set(world_words(phrasing))
+    for rels in FORMS.values():
+        for fs in rels.values():
+            for f in fs:
+                words |= set(f.replace("{x}", " ").replace("{y}", " ").replace("{z}", " ").split())
+    chars = string.ascii_lowercase + string.digits
+    pieces = list(chars) + ["##" + c for c in chars] + list(string.punctuation)
+    vocab = list(BERT_SPECIALS) + sorted(words - set(pieces)) + pieces
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocab.txt"
+        path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        tok = BertTokenizer(str(path), do_lower_case=True, model_max_length=model_max_length)
+    for w in words:
+        if len(tok(w, add_special_tokens=False)["input_ids"]) != 1:
+            raise RuntimeError(f"world BERT tokenizer splits {w!r}")
+    return tok
