@@ -57,7 +57,7 @@ DEFAULT_OUT = Path("results/world")
 DEFAULT_SPLITS = ("test", "compositional")
 BEGIN, END, ANCHOR = "<!-- WORLD-RESULTS:BEGIN -->", "<!-- WORLD-RESULTS:END -->", "<!-- RESULTS -->"
 CURVE_NAMES = ("learning_curve.png",)
-_ENTRY_KEYS = {"name", "method", "backbone", "dir", "proposals", "options", "train_command"}
+_ENTRY_KEYS = {"name", "method", "backbone", "dir", "proposals", "options", "train_command", "main"}
 
 
 class WorldResultsError(ClipgroundError):
@@ -79,6 +79,8 @@ class Entry:
         options: method config fields of a ``method`` entry; for a ``dir`` entry, the trained
             method's inference options only (e.g. the fusion regressor's ``tta``).
         train_command: how to create ``dir`` (shown while it does not exist).
+        main: the method's row in the main table (its best configuration; one per method); the
+            full table with every entry (ablations, older configurations) is ``world_results.md``.
     """
 
     name: str
@@ -88,6 +90,7 @@ class Entry:
     proposals: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     train_command: str | None = None
+    main: bool = False
 
     @property
     def slug(self) -> str:
@@ -116,6 +119,8 @@ def parse_config(data: Any, source: str = "config") -> tuple[list[str], list[Ent
             raise WorldResultsError(f"{source}: entry {e.name!r} needs exactly one of 'method' or 'dir'")
         if e.method is not None and not e.backbone:
             raise WorldResultsError(f"{source}: entry {e.name!r} needs a 'backbone'")
+        if not isinstance(e.main, bool):
+            raise WorldResultsError(f"{source}: entry {e.name!r}: 'main' must be true or false")
         entries.append(e)
     for attr in ("name", "slug"):
         seen = [getattr(e, attr) for e in entries]
@@ -362,6 +367,32 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def main_table(rows: Sequence[dict[str, Any]], outcomes: Sequence[Outcome], splits: Sequence[str]) -> str:
+    """Markdown: one row per ``main`` entry (a method's best configuration), Acc@0.5 on each split,
+    the ``new-look`` minus ``test`` gap and the mean IoU on ``test``."""
+    def pct(v: float | None) -> str:
+        return "-" if v is None else format_value("acc@0.5", v)
+
+    cell = {(r["name"], r["split"]): r for r in rows}
+    gap = "test" in splits and "new-look" in splits
+    head = ["method (configuration)"] + [f"{s}" for s in splits] + (["new-look - test"] if gap else [])
+    head += ["mean IoU (test)"] if "test" in splits else []
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "|".join(["---:"] * (len(head) - 1)) + "|"]
+    for o in outcomes:
+        if not o.entry.main:
+            continue
+        accs = [cell[(o.entry.name, s)]["acc"] if (o.entry.name, s) in cell else None for s in splits]
+        cells = [o.entry.name] + [pct(a) for a in accs]
+        if gap:
+            t, n = accs[list(splits).index("test")], accs[list(splits).index("new-look")]
+            cells.append("-" if t is None or n is None else f"{100 * (n - t):+.1f}")
+        if "test" in splits:
+            r = cell.get((o.entry.name, "test"))
+            cells.append("-" if r is None or r["miou"] is None else format_value("miou", r["miou"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_results(rows: Sequence[dict[str, Any]], splits: Sequence[str], path: Path) -> Path:
     """Grouped bars, one panel per split: groups = overall + expression types, one bar per entry."""
     import matplotlib
@@ -424,6 +455,12 @@ def world_description(world: Path, splits: Sequence[str], limit: int | None, bac
             f"{cfg['min_objects']}-{cfg['max_objects']} objects per scene): " + "; ".join(parts) + ". "
             f"The `compositional` split's targets are held-out colour-shape pairs never seen in training "
             f"scenes ({held}).")
+    if "new-look" in splits and cfg.get("held_out_looks"):
+        looks = ", ".join("-".join(x) for x in cfg["held_out_looks"])
+        text += (f" The `new-look` split's scenes are drawn in rendering families (background-shapes) never used in "
+                 f"training ({looks}).")
+    if "paraphrase" in splits:
+        text += " The `paraphrase` split re-says the `test` scenes' expressions in sentence forms held out of training."
     if backbones:
         text += " Backbone of the training-free entries: " + ", ".join(f"`{b}`" for b in backbones) + "."
     if limit:
@@ -437,9 +474,25 @@ EXPLAIN = ("Acc@0.5: share of expressions whose predicted box overlaps the targe
 
 
 def render_section(rows: Sequence[dict[str, Any]], outcomes: Sequence[Outcome], *, heading: str, description: str,
-                   command: str, png: str | None, curves: dict[str, str]) -> str:
-    """The Markdown block shared by ``world_results.md`` and the README."""
-    out = [heading, "", description, "", results_table(rows) if rows else "_No entry has results yet._", "", EXPLAIN, ""]
+                   command: str, png: str | None, curves: dict[str, str], splits: Sequence[str] = DEFAULT_SPLITS,
+                   full_table: str | None = None) -> str:
+    """The Markdown block shared by ``world_results.md`` and the README.
+
+    With ``main`` entries the block opens with the main table (one row per method); then the full
+    table of every entry follows, or, with ``full_table`` (a link), only a pointer to it.
+    """
+    has_main = any(o.entry.main for o in outcomes)
+    out = [heading, "", description, ""]
+    if has_main:
+        out += [main_table(rows, outcomes, splits), "", "Acc@0.5 of each method's best configuration (named in "
+                "its row); `new-look - test`: points lost on the held-out rendering families.", ""]
+    if full_table is not None and has_main:
+        out += [f"Every configuration and ablation, with Acc@0.5 by expression type, mean IoU and proposal "
+                f"recall: [the full table]({full_table}).", ""]
+    else:
+        if has_main:
+            out += ["### Every entry", ""]
+        out += [results_table(rows) if rows else "_No entry has results yet._", "", EXPLAIN, ""]
     if png:
         out += [f"![Acc@0.5 by expression type]({png})", ""]
     if curves:
@@ -566,13 +619,14 @@ def _main(args: argparse.Namespace, argv: list[str], console: Console) -> int:
     listed: dict[Path, str] = {}  # each copy listed once, under its first entry
     for n, p in curves.items():
         listed.setdefault(p, n)
-    png = plot_results(rows, splits, out / "world_results.png")
+    main_names = {o.entry.name for o in outcomes if o.entry.main}
+    png = plot_results([r for r in rows if r["name"] in main_names] or rows, splits, out / "world_results.png")
     command = shlex.join(["python", "scripts/world_results.py", *argv])
     used = [o.entry for o in outcomes if o.status == "ok" and o.entry.method is not None]
     backbones = list(dict.fromkeys(args.backbone_override or e.backbone for e in used))
     description = world_description(world, splits, args.limit, backbones)
     md = render_section(rows, outcomes, heading="# Results in the synthetic world", description=description,
-                        command=command, png=png.name, curves={n: p.name for p, n in listed.items()})
+                        command=command, png=png.name, curves={n: p.name for p, n in listed.items()}, splits=splits)
     atomic_write(out / "world_results.md", md + "\n")
     total = round(time.perf_counter() - t0, 2)
     summary = {
@@ -604,7 +658,8 @@ def _main(args: argparse.Namespace, argv: list[str], console: Console) -> int:
         base = readme.parent
         block = render_section(rows, outcomes, heading="## Results in the synthetic world", description=description,
                                command=command, png=_rel(png, base),
-                               curves={n: _rel(p, base) for p, n in listed.items()})
+                               curves={n: _rel(p, base) for p, n in listed.items()}, splits=splits,
+                               full_table=_rel(out / "world_results.md", base))
         atomic_write(readme, replace_readme_block(text, block))
         console.print(f"updated {readme}")
 

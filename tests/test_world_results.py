@@ -161,6 +161,38 @@ def test_reuse_and_only_force(first_run: dict) -> None:
     assert first_run["summary3"]["table"] == first_run["summary"]["table"]  # deterministic re-evaluation
 
 
+def test_main_table_has_one_row_per_main_entry(setup: dict, tmp_path: Path, tiny_clip_dir: Path) -> None:
+    bb = "clipground/world-clip"
+    cfg = {"splits": ["test", "compositional"],
+           "entries": [{"name": "zs gt", "method": "zero-shot", "backbone": bb, "proposals": "gt", "main": True},
+                       {"name": "zs gt no rel", "method": "zero-shot", "backbone": bb, "proposals": "gt",
+                        "options": {"relations": False}}]}
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    (tmp_path / "README.md").write_text(README)
+    rc = wr.main(["--config", str(tmp_path / "c.yaml"), "--world", str(setup["world"]), "--existing-world",
+                  "--out", str(tmp_path / "o"), "--quiet", "--no-report-plots", "--limit", "3", "--backbone-override",
+                  str(tiny_clip_dir), "--update-readme", "--readme", str(tmp_path / "README.md")])
+    assert rc == 0
+    rows = {(r["name"], r["split"]): r for r in json.loads((tmp_path / "o" / "world_results.json").read_text())["table"]}
+    readme = (tmp_path / "README.md").read_text()
+    block = readme[readme.index(wr.BEGIN):readme.index(wr.END)]
+    main_rows = [ln for ln in block.splitlines() if ln.startswith("| zs")]
+    acc = f"{100 * rows[('zs gt', 'test')]['acc']:.1f}%"
+    assert main_rows == [f"| zs gt | {acc} | {100 * rows[('zs gt', 'compositional')]['acc']:.1f}% | "
+                         f"{format_miou(rows[('zs gt', 'test')]['miou'])} |"]
+    assert "[the full table](o/world_results.md)" in block and "zs gt no rel" not in block
+    md = (tmp_path / "o" / "world_results.md").read_text()
+    assert "| zs gt no rel | test |" in md and "### Every entry" in md
+    with pytest.raises(wr.WorldResultsError, match="main"):
+        wr.parse_config({"entries": [{"name": "a", "dir": "d", "main": "yes"}]})
+
+
+def format_miou(v: float) -> str:
+    from clipground.evaluation.report import format_value
+
+    return format_value("miou", v)
+
+
 def test_failing_entry_is_reported_not_fatal(setup: dict, tmp_path: Path, tiny_clip_dir: Path) -> None:
     bb = "clipground/world-clip"
     cfg = {"entries": [{"name": "bad", "method": "no-such-method", "backbone": bb},

@@ -140,12 +140,16 @@ class Grounder:
                         device: str = "cpu", options: dict[str, Any] | None = None) -> "Grounder":
         """Load a grounder saved by :meth:`save_pretrained`.
 
-        A directory without ``grounder.json`` (a plain CLIP checkpoint, hub id or bundled
-        name) loads as the zero-shot method on that backbone, with ``options`` as its config.
+        ``path`` is a saved directory or a bundled trained world grounder
+        (``clipground/world-<method>``). A directory without ``grounder.json`` (a plain CLIP
+        checkpoint, hub id or bundled name) loads as the zero-shot method on that backbone, with
+        ``options`` as its config.
         For a trained method, ``options`` may set only its inference options
         (``GroundingMethod.inference_options``, e.g. the fusion regressor's ``tta``).
         """
-        p = Path(path)
+        from .backbone.hub import bundled_grounder_dir
+
+        p = bundled_grounder_dir(str(path)) or Path(path)
         if not (p / "grounder.json").is_file():
             return cls.load("zero-shot", backbone=str(path), proposals=proposals or "selective-search", device=device,
                             **(options or {}))

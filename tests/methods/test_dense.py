@@ -130,7 +130,7 @@ def test_grabcut_refines_a_blurry_heatmap_to_the_object() -> None:
 
 def test_heatmap_segment_grabcut_end_to_end(tmp_path: Path, tiny_clip_dir: Path) -> None:
     recs = make_scenes(tmp_path, n=1)
-    g = Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir))
+    g = Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir), heatmap="clip", segmenter="grabcut")
     assert isinstance(g.method, HeatmapSegment) and g.proposals is None
     preds = g(recs[0].image, ["the red box", "the blue box"])
     for p in preds:

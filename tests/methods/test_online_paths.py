@@ -98,13 +98,14 @@ def test_blip_gradcam_with_sam(scene: Path, tiny_clip_dir: Path, tiny_blip_dir: 
 
 @pytest.mark.parametrize("prompt", ["point", "box"])
 def test_sam_prompts_with_clip_heatmap(scene: Path, tiny_clip_dir: Path, tiny_sam_dir: Path, prompt: str) -> None:
-    g = Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir), segmenter="sam", sam_model=str(tiny_sam_dir),
-                      sam_prompt=prompt)
+    g = Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir), heatmap="clip", segmenter="sam",
+                      sam_model=str(tiny_sam_dir), sam_prompt=prompt)
     assert _inside(g(scene, "the red box").box, 90, 60)
 
 
 def test_blip_gradcam_with_grabcut(scene: Path, tiny_clip_dir: Path, tiny_blip_dir: Path) -> None:
-    g = Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir), heatmap="blip", blip_model=str(tiny_blip_dir))
+    g = Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir), heatmap="blip", blip_model=str(tiny_blip_dir),
+                      segmenter="grabcut")
     assert _inside(g(scene, "the blue circle").box, 90, 60)
 
 
@@ -115,7 +116,20 @@ def test_missing_weights_fail_with_one_line(tiny_clip_dir: Path, tmp_path: Path,
     msg = str(e.value)
     assert "\n" not in msg and "nobody/no-such-blip" in msg and "blip_model=DIR" in msg and "heatmap='clip'" in msg
     with pytest.raises(CheckpointNotFoundError) as e:
-        Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir), segmenter="sam", sam_model="nobody/no-such-sam")
+        Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir), heatmap="clip", segmenter="sam",
+                      sam_model="nobody/no-such-sam")
     assert "sam_model=DIR" in str(e.value) and "segmenter='grabcut'" in str(e.value)
     with pytest.raises(CheckpointNotFoundError, match="not found"):
-        Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir), segmenter="sam", sam_model=str(tmp_path / "nope/"))
+        Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir), heatmap="clip", segmenter="sam",
+                      sam_model=str(tmp_path / "nope/"))
+    # The defaults (BLIP heatmap + SAM, "auto" checkpoints) beside a non-bundled CLIP are the hub models.
+    with pytest.raises(CheckpointNotFoundError, match="Salesforce/blip-itm-base-coco"):
+        Grounder.load("heatmap-segment", backbone=str(tiny_clip_dir))
+
+
+def test_auto_companions_follow_the_backbone() -> None:
+    from clipground.backbone.hub import WORLD_BLIP, WORLD_CLIP, WORLD_SAM, companion_checkpoint
+
+    assert companion_checkpoint("sam", WORLD_CLIP) == WORLD_SAM and companion_checkpoint("blip", WORLD_CLIP) == WORLD_BLIP
+    assert companion_checkpoint("sam", "openai/clip-vit-base-patch32") == "facebook/sam-vit-base"
+    assert companion_checkpoint("blip", "/some/dir") == "Salesforce/blip-itm-base-coco"

@@ -17,8 +17,50 @@ from urllib.parse import urlparse
 from ..errors import CheckpointNotFoundError
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+#: The offline defaults: small world models clipground's own recipes train, shipped in the package.
+WORLD_CLIP = "clipground/world-clip-v2"  # whole-scene world CLIP, the default backbone
+WORLD_CLIP_V1 = "clipground/world-clip"  # the first world CLIP (64 px region crops), kept for its results
+WORLD_SAM = "clipground/world-sam"
+WORLD_BLIP = "clipground/world-blip"
+#: The hub models the same options default to beside a hub (non-world) CLIP.
+HUB_SAM = "facebook/sam-vit-base"
+HUB_BLIP = "Salesforce/blip-itm-base-coco"
+
 #: Checkpoints shipped inside the package, addressable by name like hub ids.
-BUNDLED: dict[str, Path] = {"clipground/world-clip": _ASSETS / "world-clip"}
+BUNDLED: dict[str, Path] = {
+    WORLD_CLIP_V1: _ASSETS / "world-clip",
+    WORLD_CLIP: _ASSETS / "world-clip-v2",
+    WORLD_SAM: _ASSETS / "world-sam",
+    WORLD_BLIP: _ASSETS / "world-blip",
+}
+#: Trained world grounders (``Grounder.from_pretrained("clipground/world-<method>")``).
+BUNDLED_METHODS_DIR = _ASSETS / "methods"
+
+
+def bundled_method_name(method: str) -> str:
+    """The bundled name of a method trained in the world: ``clipground/world-<method>``."""
+    return f"clipground/world-{method}"
+
+
+def bundled_grounder_dir(name: str) -> Path | None:
+    """The shipped directory of a bundled trained grounder name, or ``None`` if ``name`` is not one."""
+    prefix = "clipground/world-"
+    if not name.startswith(prefix) or name in BUNDLED:
+        return None
+    d = BUNDLED_METHODS_DIR / name[len(prefix):]
+    return d if (d / "grounder.json").is_file() else None
+
+
+def companion_checkpoint(kind: str, backbone_name: str) -> str:
+    """What an ``auto`` SAM / BLIP option means: the bundled world model beside a bundled world
+    CLIP (all offline), the hub model otherwise (the seed's path with real photos)."""
+    world = backbone_name in BUNDLED
+    if kind == "sam":
+        return WORLD_SAM if world else HUB_SAM
+    if kind == "blip":
+        return WORLD_BLIP if world else HUB_BLIP
+    raise ValueError(f"unknown companion model kind {kind!r}")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -39,7 +81,7 @@ def offline_message(name: str) -> str:
         f"cannot load CLIP checkpoint '{name}': it is not in the local Hugging Face cache and the hub is "
         f"unreachable; download it where you have internet (e.g. `huggingface-cli download {name} "
         f"--local-dir DIR`) and pass that directory instead (--backbone DIR), or use the bundled "
-        f"offline model --backbone clipground/world-clip"
+        f"offline model --backbone {WORLD_CLIP}"
     )
 
 

@@ -1,8 +1,9 @@
 """``clipground demo``: the offline main job on a fresh machine.
 
-Generates a few scenes of the synthetic world, grounds their referring expressions with
-the bundled world CLIP and the zero-shot method, and writes annotated PNGs and a JSON of
-boxes and scores.
+Generates a few scenes of the synthetic world, grounds their referring expressions with a
+method (``--method``, default zero-shot) on the bundled world models, and writes annotated
+PNGs and a JSON of boxes and scores. A trained method runs from the world checkpoint shipped
+with the package (``clipground/world-<method>``) or from any ``--checkpoint`` directory.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -20,18 +22,42 @@ from .common import quiet_transformers
 BUNDLED = "clipground/world-clip"
 
 
+def demo_grounder(method: str, backbone: str, proposals: str | None, checkpoint: str | None) -> Any:
+    """The grounder the demo runs: a saved directory, the bundled trained world checkpoint of a
+    trainable method, or a training-free method on ``backbone``."""
+    from ..backbone.hub import bundled_grounder_dir, bundled_method_name
+    from ..errors import CheckpointNotFoundError
+    from ..grounder import Grounder
+    from ..methods import get_method_class
+
+    if checkpoint is not None:
+        return Grounder.from_pretrained(checkpoint, proposals=proposals)
+    cls = get_method_class(method)
+    if cls.recipe is None:  # training-free
+        return Grounder.load(method, backbone=backbone, proposals=proposals or "selective-search")
+    name = bundled_method_name(method)
+    if bundled_grounder_dir(name) is None:
+        raise CheckpointNotFoundError(
+            f"no bundled world checkpoint for {method!r} in this install ({name}); train one with "
+            f"`clipground train --method {method} --train WORLD --out runs/{method}` and pass --checkpoint runs/{method}/final")
+    return Grounder.from_pretrained(name, proposals=proposals)
+
+
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder."),
+    method: str = typer.Option("zero-shot", "--method", "-m", help="Registered method (see `clipground methods`); "
+                               "trained ones run from their bundled world checkpoint."),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help="A saved grounder directory to run instead."),
     scenes: int = typer.Option(4, "--scenes", help="Number of scenes to ground."),
     seed: int = typer.Option(0, "--seed", help="World seed."),
-    proposals: str = typer.Option("selective-search", "--proposals", "-p", help="Proposal source (selective-search or gt)."),
+    proposals: str | None = typer.Option(None, "--proposals", "-p", help="Proposal source (selective-search or gt; "
+                                         "default: selective-search, or what a trained method was trained with)."),
     backbone: str = typer.Option(BUNDLED, "--backbone", "-b", help="CLIP checkpoint (default: the bundled world CLIP)."),
 ) -> None:
     """Ground phrases on generated scenes with the bundled model; write PNGs and JSON."""
     from .. import boxes as B
     from ..data.jsonl import read_jsonl
     from ..data.world import WorldConfig, ensure_world
-    from ..grounder import Grounder
     from ..io import save_image, write_json
     from ..viz import draw_prediction
 
@@ -46,10 +72,12 @@ def demo(
     for r in records:
         by_image[r.image].append(r)
     spec = f"gt:{world / 'instances_test.json'}" if proposals == "gt" else proposals
-    g = Grounder.load("zero-shot", backbone=backbone, proposals=spec)
+    g = demo_grounder(method, backbone, spec, checkpoint)
     t_load = time.perf_counter()
-
-    table = Table(title=f"clipground demo: zero-shot, {backbone}, {proposals} proposals")
+    name = g.method.name
+    source = checkpoint or (backbone if g.method.recipe is None else f"clipground/world-{name}")
+    used = "no" if g.proposals is None else (proposals or getattr(g.proposals, "name", "default"))
+    table = Table(title=f"clipground demo: {name}, {source}, {used} proposals")
     for col in ("scene", "phrase", "box (x1, y1, x2, y2)", "score", "IoU with truth"):
         table.add_column(col)
     results, written, hits = [], [], 0
@@ -67,8 +95,8 @@ def demo(
         png = out / f"scene_{Path(image).stem}.png"
         save_image(canvas, png)
         written.append(png)
-    write_json(out / "predictions.json", {"backbone": backbone, "method": "zero-shot", "proposals": proposals,
-                                          "predictions": results}, sort_keys=False)
+    write_json(out / "predictions.json", {"backbone": g.method.backbone.name, "method": name, "checkpoint": source,
+                                          "proposals": used, "predictions": results}, sort_keys=False)
     console.print(table)
     console.print(f"{hits}/{len(results)} phrases grounded with IoU >= 0.5 "
                   f"(model load {t_load - t0:.1f} s, total {time.perf_counter() - t0:.1f} s)")

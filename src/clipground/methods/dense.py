@@ -20,8 +20,8 @@
 
 ``heatmap-segment`` (zero-shot, detector-free):
     A phrase heatmap (:mod:`clipground.heatmaps`: CLIP patch-text similarity, CLIP
-    Grad-CAM, or BLIP ITM Grad-CAM) is turned into a box by a promptable segmenter
-    (:mod:`clipground.segmenters`: GrabCut by default, SAM, or the plain threshold): the box
+    Grad-CAM, or BLIP ITM Grad-CAM, the default) is turned into a box by a promptable segmenter
+    (:mod:`clipground.segmenters`: SAM by default, GrabCut, or the plain threshold): the box
     is the tight box of the mask component around the heatmap peak.
 """
 
@@ -38,6 +38,7 @@ from ..backbone import ClipBackbone
 from ..backbone.features import (DenseView, dense_feature_key, dense_features, encode_phrases, patch_grid,
                                  patch_text_similarity, select_image)
 from ..backbone.geometry import InputGeometry
+from ..backbone.hub import companion_checkpoint
 from ..errors import ConfigError
 from ..heatmaps import make_heatmap_source
 from ..segmenters import box_from_heatmap, make_segmenter
@@ -251,11 +252,15 @@ class HeatmapSegmentConfig(MethodConfig):
     """Options of :class:`HeatmapSegment`.
 
     Attributes:
-        heatmap: ``clip`` (patch-text similarity), ``clip-gradcam`` or ``blip`` (ITM Grad-CAM).
-        blip_model: BLIP ITM checkpoint (hub id or local directory) for ``heatmap="blip"``.
+        heatmap: ``blip`` (ITM Grad-CAM, the seed's path), ``clip`` (patch-text similarity) or
+            ``clip-gradcam``.
+        blip_model: BLIP ITM checkpoint (hub id, local directory or bundled name) for
+            ``heatmap="blip"``; ``auto``: the bundled world BLIP beside a bundled world CLIP,
+            else ``Salesforce/blip-itm-base-coco``.
         blip_layer: text-encoder layer whose cross-attention BLIP Grad-CAM reads.
-        segmenter: ``grabcut`` (weight-free default), ``sam`` or ``threshold``.
-        sam_model: SAM checkpoint (hub id or local directory) for ``segmenter="sam"``.
+        segmenter: ``sam`` (promptable), ``grabcut`` (weight-free) or ``threshold``.
+        sam_model: SAM checkpoint for ``segmenter="sam"``; ``auto``: the bundled world SAM beside
+            a bundled world CLIP, else ``facebook/sam-vit-base``.
         sam_prompt: ``point``, ``box`` or ``point+box`` (peak point / seed box).
         threshold: seed region = heatmap (min-max normalized) >= threshold, around the peak.
         grabcut_iters: GrabCut iterations.
@@ -266,11 +271,11 @@ class HeatmapSegmentConfig(MethodConfig):
         prompt: template the phrase is put in before text encoding.
     """
 
-    heatmap: str = "clip"
-    blip_model: str = "Salesforce/blip-itm-base-coco"
+    heatmap: str = "blip"
+    blip_model: str = "auto"
     blip_layer: int = 7
-    segmenter: str = "grabcut"
-    sam_model: str = "facebook/sam-vit-base"
+    segmenter: str = "sam"
+    sam_model: str = "auto"
     sam_prompt: str = "point+box"
     threshold: float = 0.5
     grabcut_iters: int = 5
@@ -294,10 +299,12 @@ class HeatmapSegment(GroundingMethod):
         if not 0.0 < c.threshold <= 1.0:
             raise ConfigError(f"threshold must be in (0, 1], got {c.threshold}")
         # Plain attributes (not submodules): BLIP/SAM weights are never part of a saved method.
+        blip = companion_checkpoint("blip", backbone.name) if c.blip_model == "auto" else c.blip_model
+        sam = companion_checkpoint("sam", backbone.name) if c.sam_model == "auto" else c.sam_model
         self.tools: dict[str, Any] = {
-            "heatmap": make_heatmap_source(c.heatmap, backbone, blip_model=c.blip_model, blip_layer=c.blip_layer,
+            "heatmap": make_heatmap_source(c.heatmap, backbone, blip_model=blip, blip_layer=c.blip_layer,
                                            prompt=c.prompt),
-            "segmenter": make_segmenter(c.segmenter, sam_model=c.sam_model, sam_prompt=c.sam_prompt,
+            "segmenter": make_segmenter(c.segmenter, sam_model=sam, sam_prompt=c.sam_prompt,
                                         grabcut_iters=c.grabcut_iters, grabcut_margin=c.grabcut_margin,
                                         max_side=c.max_side, grabcut_core=c.grabcut_core, device=backbone.device),
         }
