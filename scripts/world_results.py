@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The synthetic-world results table: one command, README-ready Markdown and a PNG.
 
-    python scripts/world_results.py [--config configs/world_results.yaml] [--world runs/world]
+    python scripts/world_results.py [--config configs/world_results.yaml] [--world runs/world-v2]
         [--out results/world] [--only NAME ...] [--limit N] [--update-readme]
 
 1. Makes sure the config's synthetic world (its ``world`` section, default ``WorldConfig()``)
@@ -52,9 +52,9 @@ from clipground.io import atomic_write, save_figure
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = Path("configs/world_results.yaml")
-DEFAULT_WORLD = Path("runs/world")
+DEFAULT_WORLD = Path("runs/world-v2")
 DEFAULT_OUT = Path("results/world")
-DEFAULT_SPLITS = ("test", "compositional")
+DEFAULT_SPLITS = ("test", "compositional", "new-look", "paraphrase")
 BEGIN, END, ANCHOR = "<!-- WORLD-RESULTS:BEGIN -->", "<!-- WORLD-RESULTS:END -->", "<!-- RESULTS -->"
 CURVE_NAMES = ("learning_curve.png",)
 _ENTRY_KEYS = {"name", "method", "backbone", "dir", "proposals", "options", "train_command", "main"}
@@ -447,7 +447,10 @@ def world_description(world: Path, splits: Sequence[str], limit: int | None, bac
                else "a non-default world (")
     parts = []
     for s in splits:
-        c = w["counts"][s]
+        c = w["counts"].get(s)
+        if c is None:  # a split the world's summary does not count (an older world file)
+            parts.append(f"`{s}`")
+            continue
         types = ", ".join(f"{t} {c['types'].get(t, 0)}" for t in TYPES)
         parts.append(f"`{s}` {c['scenes']} scenes / {c['expressions']} expressions ({types})")
     held = ", ".join(f"{c} {s}" for c, s in w["held_out_pairs"])

@@ -226,11 +226,15 @@ def test_user_errors(setup: dict, tmp_path: Path) -> None:
     assert wr.replace_readme_block(f"a\n{wr.BEGIN}\nold\n{wr.END}\nb", "new") == f"a\n{wr.BEGIN}\nnew\n{wr.END}\nb"
 
 
-def test_default_config_parses() -> None:
-    splits, entries = wr.load_config(REPO / "configs" / "world_results.yaml")
-    assert splits == ["test", "compositional"]
+@pytest.mark.parametrize("name,splits", [("world_results.yaml", ["test", "compositional", "new-look", "paraphrase"]),
+                                          ("world_results_v1.yaml", ["test", "compositional"])])
+def test_shipped_configs_parse(name: str, splits: list[str]) -> None:
+    got, entries = wr.load_config(REPO / "configs" / name)
+    assert got == splits
     names = [e.name for e in entries]
     assert names[:3] == ["zero-shot (GT boxes)", "zero-shot (selective search)",
                          "zero-shot, no relation resolver (GT boxes)"]
     assert entries[2].options == {"relations": False}
     assert all(e.train_command for e in entries if e.dir is not None)
+    mains = [e.method for e in entries if e.main and e.method]
+    assert len(set(mains)) == len(mains), "one main row per method"

@@ -5,9 +5,23 @@
 * :mod:`.views`: how a proposal box is shown to CLIP (crop, blur, circle);
 * :mod:`.geometry`: where the model's input square sits in the original image;
 * :mod:`.features`: region, dense and text features, shared by methods and the feature cache.
+
+Names are imported lazily, so reading :mod:`.hub`'s constants (the CLI's defaults) does not
+import torch.
 """
 
-from .clip import DEFAULT_BACKBONE, ClipBackbone, ImageFeatures, TextFeatures
-from .hub import BUNDLED, resolve_checkpoint
+from __future__ import annotations
 
-__all__ = ["BUNDLED", "DEFAULT_BACKBONE", "ClipBackbone", "ImageFeatures", "TextFeatures", "resolve_checkpoint"]
+from importlib import import_module
+from typing import Any
+
+_LAZY = {"DEFAULT_BACKBONE": ".clip", "ClipBackbone": ".clip", "ImageFeatures": ".clip", "TextFeatures": ".clip",
+         "BUNDLED": ".hub", "resolve_checkpoint": ".hub"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_LAZY[name], __name__), name)

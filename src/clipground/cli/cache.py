@@ -7,6 +7,7 @@ import json
 import typer
 from rich.console import Console
 
+from ..backbone.hub import WORLD_CLIP
 from .common import quiet_transformers
 
 cache_app = typer.Typer(help="Proposal + CLIP feature cache for fast training on a frozen backbone.",
@@ -17,7 +18,7 @@ cache_app = typer.Typer(help="Proposal + CLIP feature cache for fast training on
 def build(
     data: str = typer.Option(..., "--data", help="Annotations (any format `clipground eval` reads) or a world directory (all its splits' images)."),
     images: str | None = typer.Option(None, "--images", help="Image root for annotation formats with bare file names."),
-    backbone: str = typer.Option("clipground/world-clip", "--backbone", "-b", help="CLIP checkpoint (hub id, directory, bundled name)."),
+    backbone: str = typer.Option(WORLD_CLIP, "--backbone", "-b", help="CLIP checkpoint (hub id, directory, bundled name)."),
     proposals: str = typer.Option("selective-search", "--proposals", "-p", help="Proposal source: selective-search, torchvision, gt:INSTANCES.json, file:PROPOSALS.jsonl."),
     out: str = typer.Option(..., "--out", help="Cache directory (resumed if it holds an unfinished build of the same inputs)."),
     kind: str = typer.Option("regions", "--kind", help="regions (proposal views, for the proposal scorers) or dense (patch tokens, for the fusion regressor and locator)."),

@@ -17,9 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..backbone.hub import WORLD_CLIP
 from .common import quiet_transformers
-
-BUNDLED = "clipground/world-clip"
 
 
 def demo_grounder(method: str, backbone: str, proposals: str | None, checkpoint: str | None) -> Any:
@@ -52,7 +51,7 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="World seed."),
     proposals: str | None = typer.Option(None, "--proposals", "-p", help="Proposal source (selective-search or gt; "
                                          "default: selective-search, or what a trained method was trained with)."),
-    backbone: str = typer.Option(BUNDLED, "--backbone", "-b", help="CLIP checkpoint (default: the bundled world CLIP)."),
+    backbone: str = typer.Option(WORLD_CLIP, "--backbone", "-b", help="CLIP checkpoint (default: the bundled world CLIP)."),
 ) -> None:
     """Ground phrases on generated scenes with the bundled model; write PNGs and JSON."""
     from .. import boxes as B
@@ -65,7 +64,7 @@ def demo(
     console = Console()
     t0 = time.perf_counter()
     world = out / "world"
-    cfg = WorldConfig.v1(seed=seed, n_train=0, n_val=0, n_test=max(1, scenes), n_compositional=0)
+    cfg = WorldConfig(seed=seed, n_train=0, n_val=0, n_test=max(1, scenes), n_compositional=0, n_new_look=0)
     ensure_world(world, cfg, progress=False)
     records = read_jsonl(world / "test.jsonl")
     by_image: dict[str, list] = defaultdict(list)

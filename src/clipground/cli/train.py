@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
+from ..backbone.hub import WORLD_CLIP
 from .common import quiet_transformers
 
 
@@ -13,7 +14,7 @@ def train(
     train_data: str = typer.Option(..., "--train", help="Training annotations (any format `clipground eval` reads) or a world directory."),
     val_data: str | None = typer.Option(None, "--val", help="Validation annotations."),
     images: str | None = typer.Option(None, "--images", help="Image root for annotation formats with bare file names."),
-    backbone: str = typer.Option("clipground/world-clip", "--backbone", "-b", help="CLIP checkpoint (hub id, directory, bundled name)."),
+    backbone: str = typer.Option(WORLD_CLIP, "--backbone", "-b", help="CLIP checkpoint (hub id, directory, bundled name)."),
     proposals: str = typer.Option("selective-search", "--proposals", "-p", help="Proposal source for proposal-based methods."),
     out: str = typer.Option("runs/train", "--out", help="Output directory; the trained method is saved in OUT/final."),
     config: str | None = typer.Option(None, "--config", help="YAML config of the recipe."),

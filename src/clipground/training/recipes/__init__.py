@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from ...backbone.hub import WORLD_CLIP
 from ...errors import BadAnnotationError, ConfigError, UnknownNameError
 from ...options import load_config
 from ..config import TrainConfig, validate_train_config
@@ -122,7 +123,7 @@ class TrainArgs:
     train: str
     val: str | None = None
     images: str | None = None
-    backbone: str = "clipground/world-clip"
+    backbone: str = WORLD_CLIP
     proposals: str = "selective-search"
     out: str = "runs/train"
     config: str | None = None
