@@ -13,6 +13,7 @@ const state = {
   imageId: null,     // the server's id for it (sha256 of the bytes)
   encoded: new Set(),// methods whose heavy image state the server holds for it
   results: {},       // method id -> the server's answer
+  encodeMs: {},      // method id -> ms the server spent encoding the image in this round (absent: cached)
   methods: [],
   auth: false,
 };
@@ -91,6 +92,7 @@ function useImage(blob, name) {
   state.imageId = null;
   state.encoded = new Set();
   state.results = {};
+  state.encodeMs = {};
   $("image-name").textContent = `${state.name} (${Math.round(blob.size / 1024)} KB)`;
   $("image-name").classList.remove("muted");
   $("download").disabled = true;
@@ -125,7 +127,8 @@ async function encodeImage(method) {
 async function groundWith(method, phrases) {
   if (!state.encoded.has(method) || !state.imageId) {
     setStatus(`encoding the image for ${method}… (first phrase on a new image)`, "busy");
-    await encodeImage(method);
+    const r = await encodeImage(method);
+    state.encodeMs[method] = r.timing_ms.image;
   }
   const body = JSON.stringify({ phrases: phrases, method: method });
   const opts = () => ({ method: "POST", body: body, headers: headers({ "Content-Type": "application/json" }) });
@@ -151,6 +154,7 @@ async function ground() {
   const t0 = performance.now();
   try {
     const results = {};
+    state.encodeMs = {};
     for (const m of methods) {
       if (state.encoded.has(m)) setStatus(`grounding with ${m} (cached image: text side only)…`, "busy");
       results[m] = await groundWith(m, phrases);
@@ -158,7 +162,7 @@ async function ground() {
     state.results = results;
     renderPanels(methods);
     const took = Math.round(performance.now() - t0);
-    const cached = methods.every((m) => results[m].cached);
+    const cached = methods.every((m) => !(m in state.encodeMs));
     setStatus(`${phrases.length} phrase(s), ${methods.length} method(s) in ${took} ms` +
               (cached ? " (cached image)" : ""), "done");
     $("download").disabled = false;
@@ -187,17 +191,17 @@ function boxDiv(box, size, colour, cls) {
 function renderPanels(methods) {
   const root = $("panels");
   root.textContent = "";
-  const scores = [];
   for (const m of methods) {
+    const scores = [];
     const r = state.results[m];
     const node = $("panel-template").content.firstElementChild.cloneNode(true);
     node.dataset.method = m;
     node.querySelector(".panel-title").textContent = m;
     node.querySelector(".photo").src = state.url;
-    const t = r.timing_ms;
-    node.querySelector(".panel-note").textContent =
-      `${r.image_size[0]}×${r.image_size[1]} · ${r.cached ? "cached image" : "image encoded"} · ` +
-      `image ${t.image} ms, text ${t.text} ms`;
+    const encoded = m in state.encodeMs;
+    node.dataset.cached = encoded ? "0" : "1";
+    node.querySelector(".panel-note").textContent = `${r.image_size[0]}×${r.image_size[1]} · ` +
+      (encoded ? `image encoded in ${state.encodeMs[m]} ms` : "cached image") + ` · text ${r.timing_ms.text} ms`;
     const overlay = node.querySelector(".overlay");
     const list = node.querySelector(".phrase-list");
     r.predictions.forEach((p, i) => {
@@ -245,29 +249,30 @@ function renderPanels(methods) {
       list.append(li);
     });
     root.append(node);
-  }
-  const slider = $("threshold");
-  if (scores.length) {
-    const lo = Math.min(...scores), hi = Math.max(...scores);
-    const span = Math.max(hi - lo, 1e-3);
-    slider.min = (lo - 0.05 * span).toFixed(4);
-    slider.max = (hi + 0.05 * span).toFixed(4);
-    slider.step = (span / 200).toFixed(5);
-    if (!slider.dataset.touched) slider.value = slider.min;
-    slider.disabled = false;
-  } else {
-    slider.disabled = true;
+    setupThreshold(node, scores);
   }
   $("json").textContent = methods.length ? JSON.stringify(exportJson(), null, 2) : "";
-  applyThreshold();
 }
 
-function applyThreshold() {
-  const slider = $("threshold");
+// Each panel has its own slider: score scales differ between methods.
+function setupThreshold(panel, scores) {
+  const slider = panel.querySelector(".threshold");
+  const lo = scores.length ? Math.min(...scores) : 0, hi = scores.length ? Math.max(...scores) : 1;
+  const span = Math.max(hi - lo, 1e-3);
+  slider.min = (lo - 0.05 * span).toFixed(4);
+  slider.max = (hi + 0.05 * span).toFixed(4);
+  slider.step = (span / 200).toFixed(5);
+  slider.value = slider.min;
+  slider.addEventListener("input", () => applyThreshold(panel));
+  applyThreshold(panel);
+}
+
+function applyThreshold(panel) {
+  const slider = panel.querySelector(".threshold");
   const t = parseFloat(slider.value);
-  $("threshold-value").textContent = slider.disabled ? "–" : t.toFixed(3);
-  document.querySelectorAll(".box.main").forEach((b) => b.classList.toggle("below", parseFloat(b.dataset.score) < t));
-  document.querySelectorAll(".phrase-list li").forEach((li) =>
+  panel.querySelector(".threshold-value").textContent = t.toFixed(3);
+  panel.querySelectorAll(".box.main").forEach((b) => b.classList.toggle("below", parseFloat(b.dataset.score) < t));
+  panel.querySelectorAll(".phrase-list li").forEach((li) =>
     li.classList.toggle("not-found", parseFloat(li.dataset.score) < t));
 }
 
@@ -296,11 +301,11 @@ function setupDrop() {
   }));
   drop.addEventListener("drop", (e) => {
     const f = e.dataTransfer && e.dataTransfer.files[0];
-    if (f) useImage(f, f.name);
+    if (f) { $("examples").value = ""; useImage(f, f.name); }
   });
   $("file").addEventListener("change", (e) => {
     const f = e.target.files[0];
-    if (f) useImage(f, f.name);
+    if (f) { $("examples").value = ""; useImage(f, f.name); }
   });
 }
 
@@ -309,7 +314,6 @@ async function main() {
   $("examples").addEventListener("change", pickExample);
   $("ground").addEventListener("click", ground);
   $("download").addEventListener("click", download);
-  $("threshold").addEventListener("input", () => { $("threshold").dataset.touched = "1"; applyThreshold(); });
   $("phrases").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) ground(); });
   $("api-key").value = sessionStorage.getItem("clipground-key") || "";
   $("api-key").addEventListener("change", () => {
