@@ -46,6 +46,9 @@ def serve(
     }, what="serve option").validate()
     quiet_transformers()
     from ..serve.app import create_app
+    from ..serve.memory import tune_allocator
+
+    tune_allocator()
 
     app = create_app(cfg)
     typer.echo(f"clipground serve: http://{'[' + host + ']' if ':' in host else host}:{port}/ "

@@ -45,6 +45,7 @@ from ..images import load_image_bytes
 from ..methods import ImageState
 from ..phrases import check_phrase, printable
 from .config import API_KEY_ENV, UPLOAD_FORMATS, MethodSpec, ServeConfig, parse_method_spec
+from .memory import trim
 from .state import ImageCache, Lane, LaneFull, LaneTimeout
 
 log = logging.getLogger("clipground.serve")
@@ -221,6 +222,8 @@ class Service:
             if item is None:
                 item = self.add_image(data or b"", name, image_id)
             state, cached = self.cache.compute_once(image_id, item, served.spec.id, self._encode(served))
+            if not cached:
+                trim()
             t1 = time.perf_counter()
             preds = self._predict(served, state, phrases) if phrases else []
         except ClipgroundError as e:
