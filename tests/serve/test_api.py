@@ -345,7 +345,7 @@ def _blocking(client, release: threading.Event, started: threading.Event):
 
         def run(image):
             started.set()
-            release.wait(30)
+            release.wait(300)
             return inner(image)
         return run
 
@@ -359,13 +359,13 @@ def test_full_queue_is_429_and_health_answers_meanwhile(make_client):
         _blocking(c, release, started)
         with ThreadPoolExecutor(1) as ex:
             slow = ex.submit(_ground, c, png_bytes(seed=40), ["x"])
-            assert started.wait(30)
+            assert started.wait(300)
             h = c.get("/health")  # the only worker is busy: /health still answers
             assert h.status_code == 200 and h.json()["lanes"]["image"]["running"] == 1
             r = _ground(c, png_bytes(seed=41), ["x"])
             assert "busy" in _error(r, 429, "busy") and r.headers.get("retry-after") == "1"
             release.set()
-            assert slow.result(30).status_code == 200
+            assert slow.result(300).status_code == 200
         assert c.get("/health").json()["lanes"]["image"]["refused"] == 1
 
 

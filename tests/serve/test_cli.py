@@ -30,7 +30,7 @@ def test_serve_starts_offline_on_the_bundled_default():
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # generous: the CPU may be shared
         while True:
             assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
             try:
@@ -46,7 +46,7 @@ def test_serve_starts_offline_on_the_bundled_default():
         assert httpx.get(url + "/").status_code == 200
         scene = SRC / "clipground" / "serve" / "static" / "examples" / "world-3.png"
         r = httpx.post(url + "/v1/ground", files={"image": (scene.name, scene.read_bytes())},
-                       data={"phrases": ["the square"]}, timeout=60)
+                       data={"phrases": ["the square"]}, timeout=300)
         assert r.status_code == 200 and r.json()["image_size"] == [128, 128]
     finally:
         proc.terminate()

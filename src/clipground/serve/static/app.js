@@ -23,6 +23,7 @@ function setStatus(text, kind) {
   el.textContent = text;
   el.className = "status" + (kind ? " " + kind : "");
   el.dataset.kind = kind || "";
+  if (kind === "busy") document.body.dataset.busyCount = String(Number(document.body.dataset.busyCount || 0) + 1);
 }
 
 function headers(extra) {
