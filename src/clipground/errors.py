@@ -18,6 +18,14 @@ class BadImageError(ClipgroundError):
     """The image is missing, unreadable, truncated, of an unsupported mode, or too large."""
 
 
+class UnsupportedImageError(BadImageError):
+    """The bytes are not an image in a format we read (text, SVG, an unknown format)."""
+
+
+class ImageTooLargeError(BadImageError):
+    """The image has more pixels than the limit (a decompression-bomb header included)."""
+
+
 class BadPhraseError(ClipgroundError):
     """The referring expression is empty, whitespace-only or too long."""
 

@@ -7,20 +7,24 @@ than clipped to a white image. Returns an RGB ``PIL.Image`` in its displayed
 orientation (EXIF rotation applied), so every box inside clipground refers to what a
 person sees. CMYK, 16-bit, palette, grayscale and alpha images are converted; truncated,
 unreadable and oversized images raise :class:`~clipground.errors.BadImageError`.
+:func:`load_image_bytes` reads an upload held in memory through the same decoder, with the
+same messages (the upload's name where a path would stand).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import BadImageError
+from .errors import BadImageError, ImageTooLargeError, UnsupportedImageError
 
 #: Largest accepted image, in pixels (width x height). Larger images are refused rather
 #: than silently decoding hundreds of megabytes; resize them first.
@@ -79,6 +83,59 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _decode(source: Any, label: str, max_pixels: int, formats: Sequence[str] | None = None) -> Image.Image:
+    """Open and fully decode ``source`` (a path or a binary file object) named ``label`` in messages."""
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below names the limit; PIL's warning would not.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source, formats=formats) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageTooLargeError(
+                        f"image {label} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}; resize it first"
+                    )
+                im.load()  # forces full decode: truncated files fail here
+                img = ImageOps.exif_transpose(im) or im
+                return img.copy()
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(
+            f"image {label} is over the limit of {max_pixels} pixels (and too large for PIL to decode safely); resize it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise UnsupportedImageError(f"cannot read {label} as an image: not an image file or an unsupported format") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"cannot decode {label}: file is truncated or corrupt ({e})") from None
+
+
+def _check_size(img: Image.Image, max_pixels: int) -> Image.Image:
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise BadImageError(f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}; resize it first")
+    return _to_rgb(img)
+
+
+def load_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS,
+                     formats: Sequence[str] | None = None) -> Image.Image:
+    """Load an encoded image held in memory (an upload) like :func:`load_image` loads a file.
+
+    ``name`` stands where a file's path stands in the messages, so a service answers bad
+    bytes with the words the CLI uses for the same bytes on disk. ``formats`` limits the
+    decoders PIL may try (a service passes a short list of plain raster formats).
+
+    Raises:
+        BadImageError: empty, truncated or corrupt bytes; :class:`UnsupportedImageError` for
+            bytes that are no image; :class:`ImageTooLargeError` over ``max_pixels``.
+    """
+    if len(data) == 0:
+        raise BadImageError(f"image file is empty (0 bytes): {name}")
+    return _check_size(_decode(io.BytesIO(data), name, max_pixels, formats), max_pixels)
+
+
 def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Load ``image`` as an RGB PIL image in displayed orientation.
 
@@ -94,29 +151,7 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise BadImageError(f"not a file: {path}")
         if path.stat().st_size == 0:
             raise BadImageError(f"image file is empty (0 bytes): {path}")
-        try:
-            with warnings.catch_warnings():
-                # Our own max_pixels check below names the limit; PIL's warning would not.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as im:
-                    w, h = im.size
-                    if w * h > max_pixels:
-                        raise BadImageError(
-                            f"image {path} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}; resize it first"
-                        )
-                    im.load()  # forces full decode: truncated files fail here
-                    img = ImageOps.exif_transpose(im) or im
-                    img = img.copy()
-        except BadImageError:
-            raise
-        except Image.DecompressionBombError:
-            raise BadImageError(
-                f"image {path} is over the limit of {max_pixels} pixels (and too large for PIL to decode safely); resize it first"
-            ) from None
-        except UnidentifiedImageError:
-            raise BadImageError(f"cannot read {path} as an image: not an image file or an unsupported format") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise BadImageError(f"cannot decode {path}: file is truncated or corrupt ({e})") from None
+        img = _decode(path, str(path), max_pixels)
     elif isinstance(image, Image.Image):
         try:
             image.load()
@@ -132,9 +167,4 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         img = _from_array(image)
     else:
         raise BadImageError(f"unsupported image input of type {type(image).__name__}")
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise BadImageError(f"image has no pixels ({w}x{h})")
-    if w * h > max_pixels:
-        raise BadImageError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}; resize it first")
-    return _to_rgb(img)
+    return _check_size(img, max_pixels)

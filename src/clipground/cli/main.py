@@ -34,6 +34,7 @@ _COMMAND_MODULES = [
     "clipground.cli.world",
     "clipground.cli.cache",
     "clipground.cli.pretrain",
+    "clipground.cli.serve",
 ]
 
 for _name in _COMMAND_MODULES:
