@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, build_grounder
+from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, RuntimeOpt, build_grounder
 
 
 def eval_command(
@@ -24,6 +24,7 @@ def eval_command(
     backbone: str = BackboneOpt,
     proposals: str = ProposalsOpt,
     option: list[str] = OptionOpt,
+    runtime: str = RuntimeOpt,
     out: Path = typer.Option(Path("eval_out"), "--out", help="Folder for metrics.json, metrics.md, predictions.jsonl and PNGs."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of tables."),
     examples: int = typer.Option(16, "--examples", help="Example images in examples.png (0: none)."),
@@ -45,7 +46,7 @@ def eval_command(
         where = f" (e.g. {loaded.missing_example})" if loaded.missing_example else ""
         raise ClipgroundError(f"nothing to evaluate: none of the {loaded.total} items in {annotations} has its image "
                               f"on disk{where}; point --images at the image folder")
-    grounder = build_grounder(method, backbone, proposals, option)
+    grounder = build_grounder(method, backbone, proposals, option, runtime)
     result = evaluate(grounder, loaded, progress=progress, examples=examples, label=label)
     files = write_report(result, out, plots=plots)
 

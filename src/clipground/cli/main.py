@@ -34,6 +34,7 @@ _COMMAND_MODULES = [
     "clipground.cli.world",
     "clipground.cli.cache",
     "clipground.cli.pretrain",
+    "clipground.cli.export",
 ]
 
 for _name in _COMMAND_MODULES:

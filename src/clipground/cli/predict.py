@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..phrases import check_phrase, printable
-from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, build_grounder
+from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, RuntimeOpt, build_grounder
 
 
 #: What the table says for a phrase the method found no candidate for (``Prediction.fallback``).
@@ -26,6 +26,7 @@ def predict(
     backbone: str = BackboneOpt,
     proposals: str = ProposalsOpt,
     option: list[str] = OptionOpt,
+    runtime: str = RuntimeOpt,
     out: Path | None = typer.Option(None, "--out", help="Write the image with the predicted box(es) drawn (PNG)."),
     json_out: str | None = typer.Option(None, "--json", help="Write predictions as JSON to this file ('-' for stdout)."),
     top_k: int = typer.Option(5, "--top-k", help="Candidates listed per phrase in the JSON."),
@@ -37,7 +38,7 @@ def predict(
     # Validate the cheap things before loading a model: bad input fails in milliseconds.
     pixels = load_image(image)
     phrases = [check_phrase(p) for p in phrases]
-    g = build_grounder(method, backbone, proposals, option)
+    g = build_grounder(method, backbone, proposals, option, runtime)
     g.set_image(pixels, image_key=str(image))
     preds = g.predict_batch(phrases)
     payload = {
