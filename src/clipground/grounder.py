@@ -229,6 +229,27 @@ class Grounder:
         self.state = state
         return self
 
+    def image_states(self, images: Sequence[ImageInput], keys: Sequence[str | None] | None = None,
+                     proposals: Sequence[Any] | None = None) -> list[ImageState]:
+        """The heavy states of several images, their CLIP work batched across images.
+
+        ``proposals`` (one :class:`~clipground.proposals.Proposals` per image, e.g. computed in
+        data-loader workers) skip the proposal source. Each state equals what :meth:`set_image`
+        computes for that image alone; hand them to :meth:`set_image_state`.
+        """
+        keys = list(keys) if keys is not None else [str(im) if isinstance(im, (str, os.PathLike)) else None
+                                                    for im in images]
+        states = []
+        for i, (im, key) in enumerate(zip(images, keys)):
+            img = load_image(im)
+            st = ImageState(image=img, key=key, feature_key=self.method.feature_key())
+            if self.method.uses_proposals:
+                st.proposals = proposals[i] if proposals is not None else self.proposals(img, key)
+            states.append(st)
+        with torch.inference_mode():
+            self.method.encode_images(states)
+        return states
+
     def reset_image(self) -> "Grounder":
         """Forget the current image (and free its features)."""
         self.state = None

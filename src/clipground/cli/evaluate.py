@@ -31,6 +31,8 @@ def eval_command(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write metrics.png and examples.png."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     label: str | None = typer.Option(None, "--label", help="Name of this run in comparison tables (default: the method)."),
+    num_workers: int = typer.Option(0, "--num-workers", "-j", help="Data-loader worker processes decoding images and running proposals alongside the CLIP forward (0: none)."),
+    image_batch: int = typer.Option(1, "--image-batch", help="Images whose views are encoded in one batch (results equal one at a time)."),
 ) -> None:
     """Evaluate a grounding method: Acc@0.5 (IoU), Acc@0.75, mean IoU, P@1/5/10, proposal recall, breakdowns."""
     from ..data.loaders import load_records
@@ -47,7 +49,8 @@ def eval_command(
         raise ClipgroundError(f"nothing to evaluate: none of the {loaded.total} items in {annotations} has its image "
                               f"on disk{where}; point --images at the image folder")
     grounder = build_grounder(method, backbone, proposals, option, runtime)
-    result = evaluate(grounder, loaded, progress=progress, examples=examples, label=label)
+    result = evaluate(grounder, loaded, progress=progress, examples=examples, label=label,
+                      num_workers=num_workers, image_batch=image_batch)
     files = write_report(result, out, plots=plots)
 
     if json_out:
