@@ -117,6 +117,7 @@ class Grounder:
         backbone: str | ClipBackbone = DEFAULT_BACKBONE,
         proposals: str | ProposalSource | None = "selective-search",
         device: str = "cpu",
+        runtime: str = "torch",
         **method_options: Any,
     ) -> "Grounder":
         """Build a grounder from registered names.
@@ -127,17 +128,21 @@ class Grounder:
                 loaded :class:`ClipBackbone`.
             proposals: ``selective-search``, ``torchvision``, ``gt:instances.json``,
                 ``file:proposals.jsonl``, or a :class:`ProposalSource`.
+            runtime: ``torch`` or ``onnx`` (``backbone`` is then a ``clipground export onnx``
+                directory; every method encodes through onnxruntime).
             method_options: fields of the method's config.
         """
         mcls = get_method_class(method)
-        bb = backbone if isinstance(backbone, ClipBackbone) else ClipBackbone.from_pretrained(backbone, device=device)
+        bb = (backbone if isinstance(backbone, ClipBackbone)
+              else ClipBackbone.from_pretrained(backbone, device=device, runtime=runtime))
         config = mcls.Config.from_dict(method_options)
         m = mcls(bb, config)
         return cls(m, get_proposals(proposals) if mcls.uses_proposals else None)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, proposals: str | ProposalSource | None = None,
-                        device: str = "cpu", options: dict[str, Any] | None = None) -> "Grounder":
+                        device: str = "cpu", options: dict[str, Any] | None = None,
+                        runtime: str = "torch", onnx_dir: str | os.PathLike | None = None) -> "Grounder":
         """Load a grounder saved by :meth:`save_pretrained`.
 
         ``path`` is a saved directory or a bundled trained world grounder
@@ -145,14 +150,16 @@ class Grounder:
         checkpoint, hub id or bundled name) loads as the zero-shot method on that backbone, with
         ``options`` as its config.
         For a trained method, ``options`` may set only its inference options
-        (``GroundingMethod.inference_options``, e.g. the fusion regressor's ``tta``).
+        (``GroundingMethod.inference_options``, e.g. the fusion regressor's ``tta``), and
+        ``runtime="onnx"`` needs ``onnx_dir``: the ``clipground export onnx`` directory of its
+        backbone (for a plain checkpoint ``path`` itself is that directory).
         """
         from .backbone.hub import bundled_grounder_dir
 
         p = bundled_grounder_dir(str(path)) or Path(path)
         if not (p / "grounder.json").is_file():
             return cls.load("zero-shot", backbone=str(path), proposals=proposals or "selective-search", device=device,
-                            **(options or {}))
+                            runtime=runtime, **(options or {}))
         meta = json.loads((p / "grounder.json").read_text())
         mcls = get_method_class(meta["method"])
         fixed = sorted(set(options or {}) - set(mcls.inference_options))
@@ -164,6 +171,11 @@ class Grounder:
         bb_ref = meta["backbone"]
         bb_path = p / "backbone" if mcls.saves_backbone and (p / "backbone").is_dir() else bb_ref
         bb = ClipBackbone.from_pretrained(bb_path, device=device)
+        if runtime == "onnx":
+            if onnx_dir is None:
+                raise ClipgroundError(f"runtime 'onnx' for the trained grounder {p} needs the exported directory of "
+                                      f"its backbone (`clipground export onnx --backbone {bb_path} --out DIR`)")
+            bb.use_onnx(onnx_dir)
         bb.name = bb_ref
         m = mcls(bb, mcls.Config.from_dict(meta["config"]))
         weights = p / "model.safetensors"
@@ -216,6 +228,27 @@ class Grounder:
             self.method.encode_image(state)
         self.state = state
         return self
+
+    def image_states(self, images: Sequence[ImageInput], keys: Sequence[str | None] | None = None,
+                     proposals: Sequence[Any] | None = None) -> list[ImageState]:
+        """The heavy states of several images, their CLIP work batched across images.
+
+        ``proposals`` (one :class:`~clipground.proposals.Proposals` per image, e.g. computed in
+        data-loader workers) skip the proposal source. Each state equals what :meth:`set_image`
+        computes for that image alone; hand them to :meth:`set_image_state`.
+        """
+        keys = list(keys) if keys is not None else [str(im) if isinstance(im, (str, os.PathLike)) else None
+                                                    for im in images]
+        states = []
+        for i, (im, key) in enumerate(zip(images, keys)):
+            img = load_image(im)
+            st = ImageState(image=img, key=key, feature_key=self.method.feature_key())
+            if self.method.uses_proposals:
+                st.proposals = proposals[i] if proposals is not None else self.proposals(img, key)
+            states.append(st)
+        with torch.inference_mode():
+            self.method.encode_images(states)
+        return states
 
     def reset_image(self) -> "Grounder":
         """Forget the current image (and free its features)."""

@@ -158,7 +158,7 @@ def test_subprocess_bad_input_all_kinds(tiny_clip_dir, tmp_path):
     tiny = ["-b", str(tiny_clip_dir)]
     cases = {
         "missing": (["predict", str(f["missing"]), "a cat", *tiny], ["not found", "missing.jpg"]),
-        "dir": (["predict", str(f["dir"]), "a cat", *tiny], ["not a file"]),
+        "dir": (["predict", str(f["dir"]), "a cat", *tiny], ["holds no images"]),
         "text": (["predict", str(f["text"]), "a cat", *tiny], ["cannot read", "notes.jpg"]),
         "zero": (["predict", str(f["zero"]), "a cat", *tiny], ["empty"]),
         "trunc_png": (["predict", str(f["trunc_png"]), "a cat", *tiny], ["truncated"]),
@@ -189,7 +189,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     "key,extra,phrase,needles",
     [
         ("missing", [], "a cat", ["not found"]),
-        ("dir", [], "a cat", ["not a file"]),
+        ("dir", [], "a cat", ["holds no images"]),
         ("text", [], "a cat", ["cannot read"]),
         ("zero", [], "a cat", ["empty"]),
         ("trunc_jpg", [], "a cat", ["truncated"]),

@@ -17,14 +17,18 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import BadPhraseError, CheckpointNotFoundError
+from ..errors import BadPhraseError, CheckpointNotFoundError, ConfigError
 from ..phrases import check_phrase, printable
 from .hub import offline_message, resolve_checkpoint
+
+if TYPE_CHECKING:
+    from .onnx_runtime import OnnxTowers
 
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch32"
 #: What a dense method can read as per-patch joint-space embeddings (see ``forward_image``).
@@ -99,11 +103,14 @@ class ClipBackbone(nn.Module):
     :meth:`unfreeze`. Text embeddings are memoized (phrases repeat across predictions).
     """
 
-    def __init__(self, model: nn.Module, processor, name: str = "", text_cache_size: int = 4096, frozen: bool = True):
+    def __init__(self, model: nn.Module, processor, name: str = "", text_cache_size: int = 4096, frozen: bool = True,
+                 onnx: "OnnxTowers | None" = None):
         super().__init__()
         self.model = model
         self.processor = processor
         self.name = name
+        #: onnxruntime sessions the encode functions use instead of ``model`` (``runtime="onnx"``).
+        self.onnx = onnx
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
         if frozen:  # ``frozen=False`` wraps a model being trained (e.g. to validate it) as it is
@@ -112,11 +119,28 @@ class ClipBackbone(nn.Module):
     # ----------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_BACKBONE, device: str | torch.device = "cpu",
-                        **kwargs) -> "ClipBackbone":
-        """Load a CLIP checkpoint (hub id, local directory or bundled name)."""
+                        runtime: str = "torch", **kwargs) -> "ClipBackbone":
+        """Load a CLIP checkpoint (hub id, local directory or bundled name).
+
+        ``runtime="onnx"`` loads a directory written by ``clipground export onnx``
+        (:mod:`clipground.backbone.onnx_runtime`): inference encodes run in onnxruntime, the
+        PyTorch model stays for what is not a tower forward (and for training). The backbone's
+        ``name`` is then the exported checkpoint's.
+        """
         from transformers import CLIPModel, CLIPProcessor
 
+        from .onnx_runtime import check_runtime
+
+        check_runtime(runtime)
         path, local_only = resolve_checkpoint(name_or_path)
+        towers = None
+        if runtime == "onnx":
+            from .onnx_runtime import OnnxTowers
+
+            if str(device) != "cpu":
+                raise ConfigError("runtime 'onnx' runs on the CPU; use device='cpu'")
+            towers = OnnxTowers(path)
+            name_or_path = towers.meta.get("source") or str(name_or_path)
         try:
             model = CLIPModel.from_pretrained(path, local_files_only=local_only, **kwargs)
             processor = CLIPProcessor.from_pretrained(path, local_files_only=local_only)
@@ -126,7 +150,34 @@ class ClipBackbone(nn.Module):
             raise CheckpointNotFoundError(f"cannot load CLIP checkpoint '{name_or_path}': {_first_line(e)}") from None
         except Exception as e:  # a broken or unsafe folder: transformers raises many types
             raise CheckpointNotFoundError(_unloadable_message(str(name_or_path), path, e)) from None
-        return cls(model.to(device), processor, name=str(name_or_path))
+        return cls(model.to(device), processor, name=str(name_or_path), onnx=towers)
+
+    def use_onnx(self, directory: str | os.PathLike | None) -> "ClipBackbone":
+        """Encode with the onnxruntime towers exported to ``directory`` (``None``: back to PyTorch).
+
+        The export must come from a checkpoint with the same architecture; the towers' weights
+        replace this model's for inference encodes only.
+        """
+        if directory is None:
+            self.onnx = None
+            return self
+        from .onnx_runtime import OnnxTowers
+
+        towers = OnnxTowers(directory)
+        cfg = Path(directory) / "config.json"
+        if cfg.is_file():
+            import json
+
+            vc = json.loads(cfg.read_text()).get("vision_config", {})
+            if int(vc.get("hidden_size", self.vision_width)) != self.vision_width:
+                raise ConfigError(f"{directory} was exported from another architecture than backbone '{self.name}'")
+        self.onnx = towers
+        return self
+
+    @property
+    def runtime(self) -> str:
+        """``torch`` or ``onnx``: what runs the inference encodes."""
+        return "torch" if self.onnx is None else "onnx"
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the model and processor in the standard transformers layout."""
@@ -281,6 +332,27 @@ class ClipBackbone(nn.Module):
         return TextFeatures(nn.functional.normalize(pooled, dim=-1), out.last_hidden_state, attention_mask.bool(),
                             words)
 
+    def _encode_pixels(self, pixel_values: torch.Tensor, dense: str = "final") -> ImageFeatures:
+        """:meth:`forward_image` for inference, in onnxruntime when the backbone has exported towers."""
+        if self.onnx is None:
+            return self.forward_image(pixel_values, dense)
+        if dense not in DENSE_EMBEDS:
+            raise ValueError(f"dense must be one of {DENSE_EMBEDS}, got {dense!r}")
+        o = self.onnx.run_image(pixel_values)
+        patches = o["patch_tokens"]
+        p = patches.shape[1]
+        side = int(round(p ** 0.5))
+        grid = (side, p // side) if side * (p // side) == p else (1, p)
+        return ImageFeatures(o["embeds"], patches, o["value_embeds" if dense == "value" else "patch_embeds"], grid)
+
+    def _encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        """:meth:`forward_text` for inference, in onnxruntime when the backbone has exported towers."""
+        if self.onnx is None:
+            return self.forward_text(input_ids, attention_mask)
+        o = self.onnx.run_text(input_ids, attention_mask)
+        words = self.model.text_model.embeddings.token_embedding(input_ids)
+        return TextFeatures(o["embeds"], o["tokens"], attention_mask.bool(), words)
+
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64, size: int | None = None,
                       dense: str = "final") -> ImageFeatures:
@@ -288,7 +360,7 @@ class ClipBackbone(nn.Module):
         if len(images) == 0:
             d, w = self.embed_dim, self.vision_width
             return ImageFeatures(torch.zeros(0, d), torch.zeros(0, 0, w), torch.zeros(0, 0, d), (0, 0))
-        parts = [self.forward_image(self.preprocess(images[i : i + batch_size], size), dense)
+        parts = [self._encode_pixels(self.preprocess(images[i : i + batch_size], size), dense)
                  for i in range(0, len(images), batch_size)]
         return ImageFeatures(
             torch.cat([p.embeds for p in parts]),
@@ -300,7 +372,7 @@ class ClipBackbone(nn.Module):
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> TextFeatures:
         """Encode texts in batches (token states padded to the longest in each batch)."""
-        parts = [self.forward_text(**self.tokenize(texts[i : i + batch_size]))
+        parts = [self._encode_tokens(**self.tokenize(texts[i : i + batch_size]))
                  for i in range(0, len(texts), batch_size)]
         width = max(f.tokens.shape[1] for f in parts)
 

@@ -5,7 +5,8 @@ method run live and a method trained from cached features see the same numbers, 
 method re-implements CLIP plumbing.
 
 * **Region features** (proposal scorers): each proposal shown in isolation through the views
-  of :mod:`clipground.backbone.views`, embedded by the image tower, plus the whole image.
+  of :mod:`clipground.backbone.views`, embedded by the image tower, plus the whole image; or
+  pooled from one whole-image encoding (:func:`roi_embeddings`, the ``roi`` view).
 * **Dense features** (fusion regressor, locator): the image padded to a square
   (:mod:`clipground.backbone.geometry`), optionally encoded at a finer patch grid
   (:class:`DenseView`: ``tiles`` or ``input_size``), giving per-patch tokens and per-patch
@@ -26,19 +27,113 @@ from PIL import Image
 from ..errors import ConfigError
 from .clip import DENSE_EMBEDS, ClipBackbone, TextFeatures
 from .geometry import InputGeometry, clip_square_input, crop_fraction, square_geometry
-from .views import render_views
+from .views import POOLED_VIEW_KINDS, render_views
 
 # --------------------------------------------------------------------------- region features
 
 
-def view_embeddings(backbone: ClipBackbone, image: Image.Image, boxes: torch.Tensor,
-                    views: Sequence[str]) -> torch.Tensor:
-    """``(V, K, D)`` normalized embeddings of every view kind of every box (views only, batched)."""
+@dataclass(frozen=True)
+class RoiView:
+    """How the ``roi`` view pools box embeddings from one whole-image encoding.
+
+    Attributes:
+        size: side the padded square is encoded at, with interpolated position embeddings
+            (0: the checkpoint's own input size); a larger side gives a finer patch grid.
+        dense: which per-patch joint-space embeddings are pooled: ``value`` (the last block's
+            value path, MaskCLIP) or ``final`` (the last layer's patch tokens).
+    """
+
+    size: int = 0
+    dense: str = "value"
+
+    def __post_init__(self) -> None:
+        if int(self.size) < 0:
+            raise ConfigError(f"roi_size must be >= 0 (0 = the checkpoint's own), got {self.size}")
+        if self.dense not in DENSE_EMBEDS:
+            raise ConfigError(f"roi_dense must be one of {', '.join(DENSE_EMBEDS)}, got {self.dense!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def box_cover(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(K, h, w)``: the area of each grid cell each box covers, for boxes in grid units.
+
+    Boxes thinner than a cell still cover the cells they lie in (a minimum side of 1e-3).
+    """
+    h, w = grid
+    b = boxes.float()
+    x1, y1 = b[:, 0:1], b[:, 1:2]
+    x2, y2 = torch.maximum(b[:, 2:3], x1 + 1e-3), torch.maximum(b[:, 3:4], y1 + 1e-3)
+    xs, ys = torch.arange(w, dtype=torch.float32)[None], torch.arange(h, dtype=torch.float32)[None]
+    cx = (torch.minimum(x2, xs + 1) - torch.maximum(x1, xs)).clamp(min=0)  # (K, w)
+    cy = (torch.minimum(y2, ys + 1) - torch.maximum(y1, ys)).clamp(min=0)  # (K, h)
+    return cy[:, :, None] * cx[:, None, :]
+
+
+def pool_boxes(patch_embeds: torch.Tensor, grid: tuple[int, int], boxes: torch.Tensor) -> torch.Tensor:
+    """``(K, D)`` normalized embeddings of boxes (normalized ``xyxy`` of the model input) pooled
+    from ``(P, D)`` patch embeddings: each patch normalized, weighted by the area the box covers."""
+    h, w = grid
+    scale = boxes.new_tensor([w, h, w, h]).float()
+    cover = box_cover(boxes.float() * scale, grid).reshape(len(boxes), h * w)
+    cover = cover / cover.sum(1, keepdim=True).clamp(min=1e-9)
+    pe = F.normalize(patch_embeds.float(), dim=-1)
+    return F.normalize(cover @ pe, dim=-1)
+
+
+def roi_embeddings(backbone: ClipBackbone, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor],
+                   roi: RoiView = RoiView()) -> list[torch.Tensor]:
+    """Per image, ``(K, D)`` box embeddings pooled from one encoding of the whole image.
+
+    Each image is padded to a square (nothing cropped) and encoded once at ``roi.size``, so
+    the cost is one image-tower pass per image whatever the number of boxes.
+    """
+    if not images:
+        return []
+    squares, geoms = zip(*(clip_square_input(backbone, im, whole=True) for im in images))
+    f = backbone.encode_images(list(squares), size=roi.size or backbone.image_size, dense=roi.dense)
+    out = []
+    for i, (g, b) in enumerate(zip(geoms, boxes)):
+        b = torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4)
+        out.append(pool_boxes(f.patch_embeds[i], f.grid, g.to_normalized(b)) if len(b)
+                   else torch.zeros(0, backbone.embed_dim))
+    return out
+
+
+def view_embeddings_batch(backbone: ClipBackbone, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor],
+                          views: Sequence[str], roi: RoiView = RoiView()) -> list[torch.Tensor]:
+    """:func:`view_embeddings` of several images, their rendered views encoded in shared batches."""
     views = tuple(views)
-    rendered = render_views(image, boxes, views)
-    imgs = [im for k in views for im in rendered[k]]
-    emb = backbone.encode_images(imgs).embeds if imgs else torch.zeros(0, backbone.embed_dim)
-    return emb.reshape(len(views), len(boxes), backbone.embed_dim)
+    rendered_kinds = tuple(v for v in views if v not in POOLED_VIEW_KINDS)
+    d = backbone.embed_dim
+    imgs: list[Image.Image] = []
+    for im, b in zip(images, boxes):
+        r = render_views(im, b, rendered_kinds) if len(b) else {}
+        imgs += [x for k in rendered_kinds for x in r.get(k, [])]
+    emb = backbone.encode_images(imgs).embeds if imgs else torch.zeros(0, d)
+    pooled = roi_embeddings(backbone, images, boxes, roi) if "roi" in views else None
+    out, at = [], 0
+    for i, b in enumerate(boxes):
+        k = int(len(b))
+        n = k * len(rendered_kinds)
+        part = emb[at:at + n].reshape(len(rendered_kinds), k, d)
+        at += n
+        by_kind = dict(zip(rendered_kinds, part))
+        if pooled is not None:
+            by_kind["roi"] = pooled[i]
+        out.append(torch.stack([by_kind[v] for v in views]) if views else torch.zeros(0, k, d))
+    return out
+
+
+def view_embeddings(backbone: ClipBackbone, image: Image.Image, boxes: torch.Tensor,
+                    views: Sequence[str], roi: RoiView = RoiView()) -> torch.Tensor:
+    """``(V, K, D)`` normalized embeddings of every view kind of every box (views only, batched).
+
+    Rendered views (crop, blur, circle) are encoded in batches; ``roi`` is pooled from one
+    whole-image encoding (:func:`roi_embeddings`, options in ``roi``).
+    """
+    return view_embeddings_batch(backbone, [image], [boxes], views, roi)[0]
 
 
 def region_features(backbone: ClipBackbone, image: Image.Image, boxes: torch.Tensor, views: Sequence[str],
@@ -235,6 +330,11 @@ def too_long(backbone: ClipBackbone, texts: Sequence[str]) -> list[bool]:
 
 __all__ = [
     "DenseView",
+    "RoiView",
+    "box_cover",
+    "pool_boxes",
+    "roi_embeddings",
+    "view_embeddings_batch",
     "dense_feature_key",
     "dense_features",
     "dense_geometry",

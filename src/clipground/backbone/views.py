@@ -6,6 +6,11 @@
 * ``circle``: the whole image with a red ellipse drawn around the box (Red Circle,
   Shtedritski et al., ICCV 2023).
 
+* ``roi`` (a *pooled* view, rendered by no one): the whole image is encoded once and each
+  box's embedding is pooled from the patch embeddings it covers
+  (:func:`clipground.backbone.features.roi_embeddings`), so its cost does not grow with the
+  number of boxes. Only the zero-shot view scorers accept it.
+
 The backbone owns them: zero-shot scoring, the trained scorers, the feature cache and
 pretraining all render views here, so a model pretrained on these views is scored with
 exactly the same views.
@@ -19,6 +24,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 VIEW_KINDS = ("crop", "blur", "circle")
+#: Views pooled from one whole-image encoding instead of rendered per box.
+POOLED_VIEW_KINDS = ("roi",)
 
 
 def _int_box(box: Sequence[float], w: int, h: int) -> tuple[int, int, int, int]:
@@ -75,14 +82,16 @@ def render_view(kind: str, image: Image.Image, box: Sequence[float], blurred: Im
     raise ValueError(f"unknown view kind {kind!r}; choose from {VIEW_KINDS}")
 
 
-def check_view_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
-    """``kinds`` as a tuple of distinct known view kinds, or a :class:`~clipground.errors.ConfigError`."""
+def check_view_kinds(kinds: Sequence[str], pooled: bool = False) -> tuple[str, ...]:
+    """``kinds`` as a tuple of distinct known view kinds, or a :class:`~clipground.errors.ConfigError`
+    (``pooled``: the caller also accepts :data:`POOLED_VIEW_KINDS`)."""
     from ..errors import ConfigError
 
     kinds = tuple(kinds)
-    bad = sorted(set(kinds) - set(VIEW_KINDS))
+    known = VIEW_KINDS + (POOLED_VIEW_KINDS if pooled else ())
+    bad = sorted(set(kinds) - set(known))
     if bad or not kinds or len(set(kinds)) != len(kinds):
-        raise ConfigError(f"views must be distinct kinds from {', '.join(VIEW_KINDS)}, got {list(kinds)}")
+        raise ConfigError(f"views must be distinct kinds from {', '.join(known)}, got {list(kinds)}")
     return kinds
 
 

@@ -17,6 +17,10 @@ ProposalsOpt = typer.Option(
     "selective-search", "--proposals", "-p",
     help="Proposal source: selective-search, torchvision, gt:INSTANCES.json, file:PROPOSALS.jsonl.",
 )
+RuntimeOpt = typer.Option(
+    "torch", "--runtime",
+    help="What runs the CLIP towers: torch, or onnx (--backbone is then a `clipground export onnx` directory).",
+)
 OptionOpt = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable), e.g. -o views=crop,blur.")
 
 
@@ -37,12 +41,15 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def build_grounder(method: str, backbone: str, proposals: str, options: list[str] | None):
-    """A Grounder from CLI options; ``method`` may be a trained-method directory."""
+def build_grounder(method: str, backbone: str, proposals: str, options: list[str] | None, runtime: str = "torch"):
+    """A Grounder from CLI options; ``method`` may be a trained-method directory (with ``runtime``
+    ``onnx``, ``backbone`` is then the export of its backbone)."""
     from ..grounder import Grounder
 
     quiet_transformers()
     if os.path.isdir(method):
         return Grounder.from_pretrained(method, proposals=None if proposals == "selective-search" else proposals,
-                                        options=parse_options(options))
-    return Grounder.load(method=method, backbone=backbone, proposals=proposals, **parse_options(options))
+                                        options=parse_options(options), runtime=runtime,
+                                        onnx_dir=backbone if runtime == "onnx" else None)
+    return Grounder.load(method=method, backbone=backbone, proposals=proposals, runtime=runtime,
+                         **parse_options(options))

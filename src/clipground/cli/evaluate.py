@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, build_grounder
+from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, RuntimeOpt, build_grounder
 
 
 def eval_command(
@@ -24,12 +24,15 @@ def eval_command(
     backbone: str = BackboneOpt,
     proposals: str = ProposalsOpt,
     option: list[str] = OptionOpt,
+    runtime: str = RuntimeOpt,
     out: Path = typer.Option(Path("eval_out"), "--out", help="Folder for metrics.json, metrics.md, predictions.jsonl and PNGs."),
     json_out: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of tables."),
     examples: int = typer.Option(16, "--examples", help="Example images in examples.png (0: none)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write metrics.png and examples.png."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     label: str | None = typer.Option(None, "--label", help="Name of this run in comparison tables (default: the method)."),
+    num_workers: int = typer.Option(0, "--num-workers", "-j", help="Data-loader worker processes decoding images and running proposals alongside the CLIP forward (0: none)."),
+    image_batch: int = typer.Option(1, "--image-batch", help="Images whose views are encoded in one batch (results equal one at a time)."),
 ) -> None:
     """Evaluate a grounding method: Acc@0.5 (IoU), Acc@0.75, mean IoU, P@1/5/10, proposal recall, breakdowns."""
     from ..data.loaders import load_records
@@ -45,8 +48,9 @@ def eval_command(
         where = f" (e.g. {loaded.missing_example})" if loaded.missing_example else ""
         raise ClipgroundError(f"nothing to evaluate: none of the {loaded.total} items in {annotations} has its image "
                               f"on disk{where}; point --images at the image folder")
-    grounder = build_grounder(method, backbone, proposals, option)
-    result = evaluate(grounder, loaded, progress=progress, examples=examples, label=label)
+    grounder = build_grounder(method, backbone, proposals, option, runtime)
+    result = evaluate(grounder, loaded, progress=progress, examples=examples, label=label,
+                      num_workers=num_workers, image_batch=image_batch)
     files = write_report(result, out, plots=plots)
 
     if json_out:

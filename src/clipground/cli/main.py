@@ -35,6 +35,7 @@ _COMMAND_MODULES = [
     "clipground.cli.cache",
     "clipground.cli.pretrain",
     "clipground.cli.serve",
+    "clipground.cli.export",
 ]
 
 for _name in _COMMAND_MODULES:

@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..errors import BadPhraseError
 from ..phrases import check_phrase, printable
-from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, build_grounder
+from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, RuntimeOpt, build_grounder
 
 
 #: What the table says for a phrase the method found no candidate for (``Prediction.fallback``).
@@ -20,34 +21,42 @@ FALLBACK_NOTE = "no candidate: whole image"
 
 
 def predict(
-    image: Path = typer.Argument(..., help="Image file (JPEG, PNG, ...)."),
-    phrases: list[str] = typer.Argument(..., help="One or more referring expressions."),
+    image: str = typer.Argument(..., help="Image file (JPEG, PNG, ...), a folder of images, a glob ('photos/*.jpg') or a JSONL manifest of {\"image\": ..., \"phrases\": [...]} lines."),
+    phrases: list[str] = typer.Argument(None, help="One or more referring expressions (for a manifest: taken from it)."),
     method: str = MethodOpt,
     backbone: str = BackboneOpt,
     proposals: str = ProposalsOpt,
     option: list[str] = OptionOpt,
+    runtime: str = RuntimeOpt,
     out: Path | None = typer.Option(None, "--out", help="Write the image with the predicted box(es) drawn (PNG)."),
     json_out: str | None = typer.Option(None, "--json", help="Write predictions as JSON to this file ('-' for stdout)."),
     top_k: int = typer.Option(5, "--top-k", help="Candidates listed per phrase in the JSON."),
+    num_workers: int = typer.Option(0, "--num-workers", "-j", help="Several images: data-loader workers decoding images and running proposals (0: none)."),
+    image_batch: int = typer.Option(8, "--image-batch", help="Several images: images whose views are encoded in one batch."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Several images: show a progress bar (images/s)."),
 ) -> None:
-    """Ground each phrase in IMAGE and print the box (xyxy pixels) and score."""
+    """Ground each phrase in IMAGE and print the box (xyxy pixels) and score.
+
+    With a folder, a glob or a manifest, every image is grounded (batched across images) and
+    ``--json`` writes one JSON object per image per line (JSONL).
+    """
+    from ..batching import is_batch_input
     from ..images import load_image
     from ..io import save_image, write_json
 
+    if is_batch_input(image):
+        _predict_many(image, phrases, method, backbone, proposals, option, runtime, out, json_out, top_k, num_workers,
+                      image_batch, progress)
+        return
     # Validate the cheap things before loading a model: bad input fails in milliseconds.
     pixels = load_image(image)
+    if not phrases:
+        raise BadPhraseError("give at least one phrase after the image")
     phrases = [check_phrase(p) for p in phrases]
-    g = build_grounder(method, backbone, proposals, option)
+    g = build_grounder(method, backbone, proposals, option, runtime)
     g.set_image(pixels, image_key=str(image))
     preds = g.predict_batch(phrases)
-    payload = {
-        "image": str(image),
-        "image_size": list(g.state.size),
-        "method": g.method.name,
-        "backbone": g.backbone.name,
-        "proposals": g.proposals.name if g.proposals is not None else None,
-        "predictions": [p.to_dict(top_k=top_k) for p in preds],
-    }
+    payload = _payload(g, str(image), g.state, preds, top_k)
     if json_out == "-":
         print(json.dumps(payload, indent=2))
     else:
@@ -77,6 +86,73 @@ def predict(
         save_image(canvas, out)
         if json_out != "-":
             Console().print(f"wrote {out}")
+
+
+def _payload(g, key: str, state, preds, top_k: int) -> dict:
+    return {
+        "image": key,
+        "image_size": list(state.size),
+        "method": g.method.name,
+        "backbone": g.backbone.name,
+        "proposals": g.proposals.name if g.proposals is not None else None,
+        "predictions": [p.to_dict(top_k=top_k) for p in preds],
+    }
+
+
+def _predict_many(source: str, phrases: list[str] | None, method: str, backbone: str, proposals: str,
+                  option: list[str], runtime: str, out: Path | None, json_out: str | None, top_k: int,
+                  num_workers: int, image_batch: int, progress: bool) -> None:
+    """``predict`` over a folder, glob or manifest: one JSONL line per image, in input order."""
+    from tqdm.auto import tqdm
+
+    from ..batching import expand_inputs, iter_image_states
+    from ..errors import ClipgroundError
+    from ..io import atomic_write
+
+    if out is not None:
+        raise ClipgroundError("--out draws one image; with several images use --json FILE.jsonl")
+    jobs = expand_inputs(source)
+    given = [check_phrase(p) for p in (phrases or [])]
+    for j in jobs:
+        j.phrases = [check_phrase(p) for p in j.phrases] if j.phrases is not None else given
+        if not j.phrases:
+            raise BadPhraseError(f"no phrase for {j.image}: give phrases after the folder/glob, or list them in the manifest")
+    g = build_grounder(method, backbone, proposals, option, runtime)
+    lines: list[str] = []
+    failed = 0
+    console = Console()
+    t = Table(title=escape(printable(f"{source} ({len(jobs)} images)")))
+    for col in ("image", "phrase", "box (x1, y1, x2, y2)", "score"):
+        t.add_column(col)
+    bar = tqdm(total=len(jobs), unit="img", desc="predicting", disable=not progress, leave=False)
+    for bs in iter_image_states(g, [j.image for j in jobs], num_workers=num_workers, image_batch=image_batch):
+        job = jobs[bs.index]
+        bar.update(1)
+        if bs.error is not None:
+            failed += 1
+            print(f"warning: {printable(job.image)}: {printable(bs.error)}", file=sys.stderr)
+            lines.append(json.dumps({"image": job.image, "error": bs.error}))
+            continue
+        g.set_image_state(bs.state)
+        preds = g.predict_batch(job.phrases)
+        lines.append(json.dumps(_payload(g, job.image, bs.state, preds, top_k)))
+        for p in preds:
+            t.add_row(escape(printable(job.image)), escape(p.phrase), ", ".join(f"{v:.1f}" for v in p.box),
+                      f"{p.score:.4f}")
+    rate = bar.format_dict.get("rate")
+    bar.close()
+    text = "".join(line + "\n" for line in lines)
+    if json_out == "-":
+        sys.stdout.write(text)
+    else:
+        console.print(t)
+        if json_out:
+            atomic_write(json_out, text)
+            console.print(f"wrote {json_out}")
+    if progress and rate:
+        print(f"{len(jobs)} images, {rate:.2f} images/s", file=sys.stderr)
+    if failed == len(jobs):
+        raise ClipgroundError(f"no image could be grounded ({failed} failed)")
 
 
 def methods() -> None:

@@ -18,7 +18,7 @@ Counting rule (the same everywhere):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,6 +122,38 @@ def _group_by_image(records: Sequence[GroundingRecord], batch_by_image: bool) ->
     return list(groups.values())
 
 
+def _image_states(grounder: Any, records: Sequence[GroundingRecord], groups: list[list[int]],
+                  states: Callable[[str], Any] | None, batched: bool, num_workers: int, image_batch: int
+                  ) -> Iterator[tuple[list[int], str, str | None, float]]:
+    """Per group: ``(indices, image, error or None, seconds)``, the group's image made the grounder's current one."""
+    if not batched:
+        for idx in groups:
+            image = records[idx[0]].image
+            t1 = time.perf_counter()
+            try:
+                if states is not None:
+                    grounder.set_image_state(states(image))
+                else:
+                    grounder.set_image(image)
+            except ClipgroundError as e:
+                yield idx, image, str(e), 0.0
+                continue
+            yield idx, image, None, time.perf_counter() - t1
+        return
+    from ..batching import iter_image_states
+
+    it = iter_image_states(grounder, [records[idx[0]].image for idx in groups], num_workers, image_batch)
+    for idx in groups:
+        t1 = time.perf_counter()
+        bs = next(it)
+        seconds = time.perf_counter() - t1
+        if bs.error is not None:
+            yield idx, bs.key, bs.error, 0.0
+            continue
+        grounder.set_image_state(bs.state)
+        yield idx, bs.key, None, seconds
+
+
 def _item(i: int, r: GroundingRecord, pred: Any, proposals: torch.Tensor | None) -> ItemResult:
     """The scored outcome of record ``i``; ``pred=None`` is a refused phrase (a miss)."""
     target = torch.tensor(r.box, dtype=torch.float32)
@@ -201,6 +233,8 @@ def evaluate(
     examples: int = 16,
     label: str | None = None,
     states: Callable[[str], Any] | None = None,
+    num_workers: int = 0,
+    image_batch: int = 1,
 ) -> EvalResult:
     """Ground every record's expression in its image and score the boxes.
 
@@ -214,6 +248,10 @@ def evaluate(
         label: name of this run in comparison tables (default: the method name).
         states: ``states(image) -> ImageState`` (e.g. ``FeatureCache.image_state``): the
             image's heavy state, given to ``grounder.set_image_state`` instead of encoding it.
+        num_workers: decode images and run proposals in this many data-loader worker
+            processes, overlapping the CLIP forward (0: in this process).
+        image_batch: encode this many images' views together
+            (:func:`clipground.batching.iter_image_states`); results equal the one-by-one run.
     """
     load = None
     if hasattr(records, "records") and hasattr(records, "dropped"):
@@ -226,22 +264,19 @@ def evaluate(
     n_images = 0
     t0 = time.perf_counter()
     groups = _group_by_image(records, batch_by_image)
+    batched = states is None and (num_workers > 0 or image_batch > 1)
     bar = tqdm(total=len(records), unit="expr", desc="evaluating", disable=not progress, leave=False)
-    for idx in groups:
-        image = records[idx[0]].image
-        t1 = time.perf_counter()
-        try:
-            if states is not None:
-                grounder.set_image_state(states(image))
-            else:
-                grounder.set_image(image)
-        except ClipgroundError as e:
-            failures.append({"image": image, "error": str(e), "items": len(idx)})
+    for idx, image, error, seconds in _image_states(grounder, records, groups, states, batched, num_workers,
+                                                     image_batch):
+        if error is not None:
+            failures.append({"image": image, "error": error, "items": len(idx)})
             bar.update(len(idx))
             continue
-        t2 = time.perf_counter()
-        t_image += t2 - t1
+        t_image += seconds
         n_images += 1
+        t2 = time.perf_counter()
+        if progress and t_image > 0:
+            bar.set_postfix_str(f"{n_images / (time.perf_counter() - t0):.2f} images/s", refresh=False)
         props = grounder.state.proposals.boxes if uses_props and grounder.state.proposals is not None else None
         if uses_props and props is None:
             props = torch.zeros(0, 4)
@@ -298,6 +333,8 @@ def evaluate(
         "predict_seconds": round(t_predict, 3),
         "images_per_second": round(n_images / t_image, 3) if t_image > 0 else 0.0,
         "expressions_per_second": round(len(items) / total, 3) if total > 0 else 0.0,
+        "num_workers": int(num_workers) if batched else 0,
+        "image_batch": int(image_batch) if batched else 1,
     }
     return EvalResult(label or method.name, metrics, breakdown, protocol, counts, timing, failures, items,
                       _pick_examples(items, examples))

@@ -107,6 +107,12 @@ class GroundingMethod(nn.Module):
         """Heavy per-image work; store results in ``state.features``."""
         raise NotImplementedError
 
+    def encode_images(self, states: list[ImageState]) -> None:
+        """:meth:`encode_image` of several images; a method overrides it to share encoder batches
+        across images (the results must not depend on which images come together)."""
+        for s in states:
+            self.encode_image(s)
+
     def rank(self, state: ImageState, phrases: list[str]) -> list[Ranking]:
         """Cheap per-phrase work: ranked candidate boxes for each phrase."""
         raise NotImplementedError

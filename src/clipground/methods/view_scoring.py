@@ -1,7 +1,8 @@
 """Scoring proposals by CLIP similarity of their isolated views: the base of ``zero-shot`` and ``flyp``.
 
 Each proposal is shown to CLIP in isolation (:mod:`clipground.backbone.views`: ``crop``,
-``blur``, ``circle``) and compared with the phrase; views are ensembled by averaging their
+``blur``, ``circle``), or pooled from one whole-image encoding (``roi``), and compared with
+the phrase; views are ensembled by averaging their
 cosine similarities. With ``relations`` a ReCLIP-style resolver
 (:func:`clipground.relations.score_expression`) answers left/right/top/bottom,
 biggest/smallest/middle, ordinals and two-place relations with rules on box geometry, asking
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..backbone.features import view_embeddings
+from ..backbone.features import RoiView, view_embeddings_batch
 from ..backbone.views import check_view_kinds
 from ..relations import score_expression
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking
@@ -29,7 +30,8 @@ class ViewScorerConfig(MethodConfig):
     """Options of a view scorer.
 
     Attributes:
-        views: which isolated views to ensemble (``crop``, ``blur``, ``circle``).
+        views: which views to ensemble (``crop``, ``blur``, ``circle``: rendered per box;
+            ``roi``: pooled from one whole-image encoding, see ``roi_size``/``roi_dense``).
         relations: resolve spatial words with geometry rules (ReCLIP-style).
         size_words: with ``relations``, read size adjectives ("the large blue square") as
             "the biggest blue square": a crop scored on its own has lost its size, and
@@ -37,6 +39,8 @@ class ViewScorerConfig(MethodConfig):
         temperature: similarity scale for the resolver's probabilities; ``None`` uses the
             checkpoint's learned CLIP logit scale.
         prompt: template the phrase is put in before text encoding.
+        roi_size: ``roi`` view: side the whole image is encoded at (0: the checkpoint's own).
+        roi_dense: ``roi`` view: pooled patch embeddings, ``value`` (MaskCLIP) or ``final``.
     """
 
     views: tuple[str, ...] = ("crop", "blur")
@@ -44,6 +48,8 @@ class ViewScorerConfig(MethodConfig):
     size_words: bool = True
     temperature: float | None = None
     prompt: str = "{}"
+    roi_size: int = 0
+    roi_dense: str = "value"
 
 
 class ViewScorer(GroundingMethod):
@@ -53,14 +59,24 @@ class ViewScorer(GroundingMethod):
 
     def __init__(self, backbone: Any, config: ViewScorerConfig | None = None):
         super().__init__(backbone, config)
-        check_view_kinds(self.config.views)
+        check_view_kinds(self.config.views, pooled=True)
+        self.roi = RoiView(self.config.roi_size, self.config.roi_dense)
 
     def feature_key(self) -> dict[str, Any]:
-        return {"kind": "views", "views": list(self.config.views), "backbone": self.backbone.name}
+        key = {"kind": "views", "views": list(self.config.views), "backbone": self.backbone.name}
+        if "roi" in self.config.views:
+            key["roi"] = self.roi.to_dict()
+        return key
 
     def encode_image(self, state: ImageState) -> None:
-        state.features["view_embeds"] = view_embeddings(self.backbone, state.image, state.proposals.boxes,
-                                                        self.config.views)
+        self.encode_images([state])
+
+    def encode_images(self, states: list[ImageState]) -> None:
+        """All views of all ``states`` encoded in shared batches (streamed, see ``encode_images``)."""
+        embs = view_embeddings_batch(self.backbone, [s.image for s in states], [s.proposals.boxes for s in states],
+                                     self.config.views, self.roi)
+        for s, e in zip(states, embs):
+            s.features["view_embeds"] = e
 
     def similarity(self, state: ImageState, texts: list[str]) -> torch.Tensor:
         """``(len(texts), K)`` mean cosine similarity over views."""
