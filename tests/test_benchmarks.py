@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 def _load():
     spec = importlib.util.spec_from_file_location("clipground_bench_run", RUN)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
     spec.loader.exec_module(mod)
     return mod
 

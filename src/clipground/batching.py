@@ -98,7 +98,7 @@ def expand_inputs(source: str | os.PathLike) -> list[ImageJob]:
         files = sorted(f for f in globlib.glob(os.path.expanduser(s), recursive=True)
                        if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise BadImageError(f"no image matches {s}")
+            raise BadImageError(f"image not found: {s} (no such file, and no image matches it as a glob pattern)")
         return [ImageJob(f) for f in files]
     return [ImageJob(s)]
 
