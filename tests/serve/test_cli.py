@@ -21,7 +21,8 @@ def _free_port() -> int:
 
 
 def test_serve_starts_offline_on_the_bundled_default():
-    from clipground.serve import DEFAULT_METHODS, offline_backbone
+    from clipground.backbone.hub import WORLD_CLIP
+    from clipground.serve import DEFAULT_METHODS
 
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -42,7 +43,7 @@ def test_serve_starts_offline_on_the_bundled_default():
             time.sleep(0.2)
         methods = httpx.get(url + "/v1/methods").json()
         assert [m["id"] for m in methods["methods"]] == list(DEFAULT_METHODS)
-        assert {m["backbone"] for m in methods["methods"]} == {offline_backbone()}
+        assert {m["backbone"] for m in methods["methods"]} == {WORLD_CLIP}
         assert httpx.get(url + "/").status_code == 200
         scene = SRC / "clipground" / "serve" / "static" / "examples" / "world-3.png"
         r = httpx.post(url + "/v1/ground", files={"image": (scene.name, scene.read_bytes())},

@@ -7,10 +7,9 @@ live in ``static/`` and load nothing from outside the server. Needs the ``serve`
 
 from typing import TYPE_CHECKING, Any
 
-from .config import API_KEY_ENV, DEFAULT_METHODS, ServeConfig, is_loopback, offline_backbone, parse_method_spec
+from .config import API_KEY_ENV, DEFAULT_METHODS, ServeConfig, is_loopback, parse_method_spec
 
-__all__ = ["API_KEY_ENV", "DEFAULT_METHODS", "ServeConfig", "create_app", "is_loopback", "offline_backbone",
-           "parse_method_spec"]
+__all__ = ["API_KEY_ENV", "DEFAULT_METHODS", "ServeConfig", "create_app", "is_loopback", "parse_method_spec"]
 
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ bad bytes, the phrase check's for bad phrases), never a 500. Inference runs on w
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -25,6 +26,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -135,8 +137,6 @@ class Service:
     """Everything one app holds: config, served methods, the image LRU, the two lanes."""
 
     def __init__(self, config: ServeConfig, methods: dict[str, Served]):
-        import threading
-
         self.config = config
         self.methods = methods
         self.default_method = next(iter(methods))
@@ -362,8 +362,6 @@ class GuardMiddleware:
         return hmac.compare_digest(given, self.key.encode())
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        import asyncio
-
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
@@ -413,6 +411,7 @@ class GuardMiddleware:
 
 # ---------------------------------------------------------------------- the app
 def _examples() -> list[dict[str, Any]]:
+    """The bundled examples (read once per app, not per request)."""
     index = EXAMPLES_DIR / "examples.json"
     if not index.is_file():
         return []
@@ -426,6 +425,7 @@ def create_app(config: ServeConfig, methods: dict[str, Served] | None = None) ->
     from .. import __version__
 
     service = Service(config, methods if methods is not None else load_methods(config))
+    example_list = _examples() if config.examples else []
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -491,7 +491,7 @@ def create_app(config: ServeConfig, methods: dict[str, Served] | None = None) ->
 
     @app.get("/v1/examples", summary="Bundled example images with suggested phrases")
     async def examples() -> dict[str, Any]:
-        return {"examples": _examples() if config.examples else []}
+        return {"examples": example_list}
 
     @app.post("/v1/ground", summary="Ground phrases in an uploaded image", openapi_extra=image_body)
     async def ground(request: Request) -> dict[str, Any]:
@@ -500,8 +500,6 @@ def create_app(config: ServeConfig, methods: dict[str, Served] | None = None) ->
         phrases = service.phrases(body["phrases"])
         top_k = service.top_k(body["top_k"])
         data = body["data"]
-        if not data:
-            raise ServiceError(422, "bad_image", f"image file is empty (0 bytes): {body['name']}")
         image_id = hashlib.sha256(data).hexdigest()
         return await service.submit(served, image_id, None, phrases, top_k, data, body["name"])
 
@@ -511,8 +509,6 @@ def create_app(config: ServeConfig, methods: dict[str, Served] | None = None) ->
         body = await read_body(request, service, need_image=True)
         served = service.method(body["method"])
         data = body["data"]
-        if not data:
-            raise ServiceError(422, "bad_image", f"image file is empty (0 bytes): {body['name']}")
         image_id = hashlib.sha256(data).hexdigest()
         return await service.submit(served, image_id, None, None, 1, data, body["name"])
 

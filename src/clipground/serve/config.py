@@ -12,7 +12,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from ..backbone.hub import BUNDLED, WORLD_CLIP, WORLD_CLIP_V1
+from ..backbone.hub import WORLD_CLIP
 from ..errors import ConfigError
 from ..images import MAX_PIXELS
 from ..options import parse_assignments
@@ -22,14 +22,6 @@ from ..phrases import MAX_PHRASE_CHARS
 API_KEY_ENV = "CLIPGROUND_API_KEY"
 #: Raster formats the service decodes; anything else (SVG, EPS, PDF, ...) is answered 415.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-
-
-def offline_backbone() -> str:
-    """The bundled world CLIP the service defaults to: the newest one this install ships."""
-    for name in (WORLD_CLIP, WORLD_CLIP_V1):
-        if (BUNDLED[name] / "config.json").is_file():
-            return name
-    return WORLD_CLIP
 
 
 #: Served when no ``--method`` is given: the zero-shot scorer and a proposal-free heatmap
@@ -91,7 +83,7 @@ class ServeConfig:
     """
 
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    backbone: str = field(default_factory=offline_backbone)
+    backbone: str = WORLD_CLIP
     proposals: str = "selective-search"
     host: str = "127.0.0.1"
     port: int = 8000
