@@ -256,3 +256,28 @@ def box_from_heatmap(heat: np.ndarray, segmenter: Segmenter, prepared: dict[str,
     if not comp.any():
         comp = seeds.region
     return mask_box(comp), seeds
+
+
+def segment_boxes(segmenter: Segmenter, image: Image.Image, boxes: torch.Tensor,
+                  prepared: dict[str, Any] | None = None) -> torch.Tensor:
+    """``(K, H, W)`` bool segments of ``xyxy`` boxes, each prompted by its box (SAM's box prompt).
+
+    The masks of the mask views (:data:`clipground.backbone.views.MASK_VIEW_KINDS`) when they are
+    segments rather than rectangles. Each segment is kept inside its box; an empty one falls back
+    to the box's rectangle.
+    """
+    from .backbone.alpha import box_masks
+
+    w, h = image.size
+    rects = box_masks(boxes, (w, h))
+    if len(rects) == 0:
+        return rects
+    prepared = segmenter.prepare(image) if prepared is None else prepared
+    out = torch.zeros_like(rects)
+    for k, b in enumerate(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).tolist()):
+        region = rects[k].numpy()
+        cx, cy = min(w - 1, max(0, int((b[0] + b[2]) / 2))), min(h - 1, max(0, int((b[1] + b[3]) / 2)))
+        seeds = Seeds(region.astype(np.float32), (cx, cy), region, (b[0], b[1], b[2], b[3]))
+        m = torch.from_numpy(np.asarray(segmenter.segment(prepared, seeds), dtype=bool)) & rects[k]
+        out[k] = m if bool(m.any()) else rects[k]
+    return out

@@ -1,7 +1,8 @@
 """A frozen CLIP backbone loaded through transformers.
 
 ``ClipBackbone.from_pretrained(name_or_path)`` accepts a hub id (default
-``openai/clip-vit-base-patch32``), a local directory written by ``save_pretrained``, or a
+``openai/clip-vit-base-patch32``), a local directory written by ``save_pretrained`` (a
+region-aware CLIP's directory too, see :mod:`clipground.backbone.alpha`), or a
 bundled name (``clipground/world-clip``, the small CLIP our own code pretrains in the
 synthetic world and ships inside the package). All three take the same code path:
 ``CLIPModel.from_pretrained`` and ``CLIPProcessor.from_pretrained``.
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..errors import BadPhraseError, CheckpointNotFoundError, ConfigError
 from ..phrases import check_phrase, printable
-from .hub import offline_message, resolve_checkpoint
+from .hub import REGION_FILE, offline_message, resolve_checkpoint
 
 if TYPE_CHECKING:
     from .onnx_runtime import OnnxTowers
@@ -133,6 +134,12 @@ class ClipBackbone(nn.Module):
 
         check_runtime(runtime)
         path, local_only = resolve_checkpoint(name_or_path)
+        if local_only and (Path(path) / REGION_FILE).is_file():  # a region-aware CLIP (mask channel + LoRA)
+            from .alpha import load_region_backbone
+
+            if runtime != "torch":
+                raise ConfigError(f"'{name_or_path}' is a region-aware CLIP, which runs in PyTorch only (runtime='torch')")
+            return load_region_backbone(path, name=str(name_or_path), device=device)
         towers = None
         if runtime == "onnx":
             from .onnx_runtime import OnnxTowers

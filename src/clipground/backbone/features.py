@@ -6,7 +6,9 @@ method re-implements CLIP plumbing.
 
 * **Region features** (proposal scorers): each proposal shown in isolation through the views
   of :mod:`clipground.backbone.views`, embedded by the image tower, plus the whole image; or
-  pooled from one whole-image encoding (:func:`roi_embeddings`, the ``roi`` view).
+  pooled from one whole-image encoding (:func:`roi_embeddings`, the ``roi`` view); or the whole
+  image with the proposal's mask through a region-aware backbone (:func:`alpha_embeddings`, the
+  ``alpha`` view).
 * **Dense features** (fusion regressor, locator): the image padded to a square
   (:mod:`clipground.backbone.geometry`), optionally encoded at a finer patch grid
   (:class:`DenseView`: ``tiles`` or ``input_size``), giving per-patch tokens and per-patch
@@ -27,7 +29,7 @@ from PIL import Image
 from ..errors import ConfigError
 from .clip import DENSE_EMBEDS, ClipBackbone, TextFeatures
 from .geometry import InputGeometry, clip_square_input, crop_fraction, square_geometry
-from .views import POOLED_VIEW_KINDS, render_views
+from .views import MASK_VIEW_KINDS, POOLED_VIEW_KINDS, blur_image, fgvp_view, render_views
 
 # --------------------------------------------------------------------------- region features
 
@@ -101,18 +103,72 @@ def roi_embeddings(backbone: ClipBackbone, images: Sequence[Image.Image], boxes:
     return out
 
 
+def proposal_masks(boxes: torch.Tensor, size: tuple[int, int], masks: torch.Tensor | None = None) -> torch.Tensor:
+    """``(K, H, W)`` bool masks of the proposals: ``masks`` when given (segments), else each box's rectangle."""
+    from .alpha import box_masks
+
+    if masks is not None:
+        m = torch.as_tensor(masks).bool()
+        if m.shape != (len(boxes), int(size[1]), int(size[0])):
+            raise ConfigError(f"expected {len(boxes)} masks of {size[1]}x{size[0]} pixels, got shape {tuple(m.shape)}")
+        return m
+    return box_masks(boxes, size)
+
+
+def alpha_embeddings(backbone: ClipBackbone, images: Sequence[Image.Image], masks: Sequence[torch.Tensor],
+                     batch_size: int = 64) -> list[torch.Tensor]:
+    """Per image, ``(K, D)`` embeddings of the ``alpha`` view: the whole image with each of its ``(K, H, W)``
+    masks as the region-aware backbone's mask channel (one forward per (image, mask) pair, batched
+    across images; each image is preprocessed once)."""
+    from .alpha import is_region_backbone
+
+    if not is_region_backbone(backbone):
+        raise ConfigError(f"view 'alpha' needs a region-aware backbone (a mask channel), and '{backbone.name}' is a "
+                          f"plain CLIP: use the bundled clipground/world-region-clip, a `clipground train --method "
+                          f"region-clip` output, or the region-clip method")
+    counts = [int(len(m)) for m in masks]
+    parts = [backbone.preprocess_regions(im, list(m)) for im, m in zip(images, masks) if len(m)]  # type: ignore[attr-defined]
+    emb = torch.zeros(0, backbone.embed_dim)
+    if parts:
+        pix = torch.cat(parts)
+        with torch.inference_mode():
+            emb = torch.cat([backbone.forward_image(pix[i : i + batch_size]).embeds
+                             for i in range(0, len(pix), batch_size)]).float().cpu()
+    return list(torch.split(emb, counts))
+
+
+def _rendered(image: Image.Image, boxes: torch.Tensor, kinds: Sequence[str], masks: torch.Tensor | None
+              ) -> dict[str, list[Image.Image]]:
+    """The rendered views (``crop``, ``blur``, ``circle``, and ``fgvp`` from ``masks``) of every box."""
+    plain = tuple(k for k in kinds if k != "fgvp")
+    out = render_views(image, boxes, plain) if plain else {}
+    if "fgvp" in kinds:
+        blurred = blur_image(image)
+        out["fgvp"] = [fgvp_view(image, m, blurred) for m in masks]  # type: ignore[union-attr]
+    return out
+
+
 def view_embeddings_batch(backbone: ClipBackbone, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor],
-                          views: Sequence[str], roi: RoiView = RoiView()) -> list[torch.Tensor]:
-    """:func:`view_embeddings` of several images, their rendered views encoded in shared batches."""
+                          views: Sequence[str], roi: RoiView = RoiView(),
+                          masks: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """:func:`view_embeddings` of several images, their rendered views encoded in shared batches.
+
+    ``masks``: per image, the ``(K, H, W)`` masks of the mask views (``alpha``, ``fgvp``); ``None``
+    (or a ``None`` entry) uses each box's rectangle.
+    """
     views = tuple(views)
-    rendered_kinds = tuple(v for v in views if v not in POOLED_VIEW_KINDS)
+    rendered_kinds = tuple(v for v in views if v not in POOLED_VIEW_KINDS and v != "alpha")
     d = backbone.embed_dim
+    need_masks = any(v in MASK_VIEW_KINDS for v in views)
+    mlist = [proposal_masks(b, im.size, None if masks is None else masks[i]) if need_masks else None
+             for i, (im, b) in enumerate(zip(images, boxes))]
     imgs: list[Image.Image] = []
-    for im, b in zip(images, boxes):
-        r = render_views(im, b, rendered_kinds) if len(b) else {}
+    for im, b, m in zip(images, boxes, mlist):
+        r = _rendered(im, b, rendered_kinds, m) if len(b) else {}
         imgs += [x for k in rendered_kinds for x in r.get(k, [])]
     emb = backbone.encode_images(imgs).embeds if imgs else torch.zeros(0, d)
     pooled = roi_embeddings(backbone, images, boxes, roi) if "roi" in views else None
+    alpha = alpha_embeddings(backbone, images, mlist) if "alpha" in views else None  # type: ignore[arg-type]
     out, at = [], 0
     for i, b in enumerate(boxes):
         k = int(len(b))
@@ -122,18 +178,21 @@ def view_embeddings_batch(backbone: ClipBackbone, images: Sequence[Image.Image],
         by_kind = dict(zip(rendered_kinds, part))
         if pooled is not None:
             by_kind["roi"] = pooled[i]
+        if alpha is not None:
+            by_kind["alpha"] = alpha[i]
         out.append(torch.stack([by_kind[v] for v in views]) if views else torch.zeros(0, k, d))
     return out
 
 
 def view_embeddings(backbone: ClipBackbone, image: Image.Image, boxes: torch.Tensor,
-                    views: Sequence[str], roi: RoiView = RoiView()) -> torch.Tensor:
+                    views: Sequence[str], roi: RoiView = RoiView(), masks: torch.Tensor | None = None) -> torch.Tensor:
     """``(V, K, D)`` normalized embeddings of every view kind of every box (views only, batched).
 
-    Rendered views (crop, blur, circle) are encoded in batches; ``roi`` is pooled from one
-    whole-image encoding (:func:`roi_embeddings`, options in ``roi``).
+    Rendered views (crop, blur, circle, fgvp) are encoded in batches; ``roi`` is pooled from one
+    whole-image encoding (:func:`roi_embeddings`, options in ``roi``); ``alpha`` is the
+    region-aware backbone on the whole image with each mask (``masks``, default the boxes).
     """
-    return view_embeddings_batch(backbone, [image], [boxes], views, roi)[0]
+    return view_embeddings_batch(backbone, [image], [boxes], views, roi, None if masks is None else [masks])[0]
 
 
 def region_features(backbone: ClipBackbone, image: Image.Image, boxes: torch.Tensor, views: Sequence[str],
@@ -141,15 +200,22 @@ def region_features(backbone: ClipBackbone, image: Image.Image, boxes: torch.Ten
     """CLIP features of one image and its proposals: ``view_embeds (V, K, D)``, ``image_embed (D,)``
     and, with ``patches``, ``patch_embeds (P, D)``.
 
-    The whole image and all views go through one :meth:`ClipBackbone.encode_images` call per
-    image, so the values do not depend on which other images are processed alongside (the
-    feature cache stores exactly these).
+    The whole image and all rendered views go through one :meth:`ClipBackbone.encode_images` call
+    per image (the ``alpha`` view, of box masks, through one more), so the values do not depend on
+    which other images are processed alongside (the feature cache stores exactly these).
     """
     views = tuple(views)
     k = int(len(boxes))
-    rendered = render_views(image, boxes, views) if k else {v: [] for v in views}
-    f = backbone.encode_images([image] + [im for v in views for im in rendered[v]])
-    out = {"image_embed": f.embeds[0], "view_embeds": f.embeds[1:].reshape(len(views), k, f.embeds.shape[-1])}
+    rendered_kinds = tuple(v for v in views if v != "alpha")
+    masks = proposal_masks(boxes, image.size) if any(v in MASK_VIEW_KINDS for v in views) else None
+    rendered = _rendered(image, boxes, rendered_kinds, masks) if k else {v: [] for v in rendered_kinds}
+    f = backbone.encode_images([image] + [im for v in rendered_kinds for im in rendered[v]])
+    d = f.embeds.shape[-1]
+    by_kind = dict(zip(rendered_kinds, f.embeds[1:].reshape(len(rendered_kinds), k, d)))
+    if "alpha" in views:
+        by_kind["alpha"] = alpha_embeddings(backbone, [image], [masks])[0].to(f.embeds.dtype)  # type: ignore[list-item]
+    out = {"image_embed": f.embeds[0],
+           "view_embeds": torch.stack([by_kind[v] for v in views]) if views else torch.zeros(0, k, d)}
     if patches:
         out["patch_embeds"] = f.patch_embeds[0]
     return out
@@ -331,8 +397,10 @@ def too_long(backbone: ClipBackbone, texts: Sequence[str]) -> list[bool]:
 __all__ = [
     "DenseView",
     "RoiView",
+    "alpha_embeddings",
     "box_cover",
     "pool_boxes",
+    "proposal_masks",
     "roi_embeddings",
     "view_embeddings_batch",
     "dense_feature_key",

@@ -17,12 +17,15 @@ from urllib.parse import urlparse
 from ..errors import CheckpointNotFoundError
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: The marker file of a region-aware CLIP directory (:mod:`clipground.backbone.alpha`).
+REGION_FILE = "region_clip.json"
 
 #: The offline defaults: small world models clipground's own recipes train, shipped in the package.
 WORLD_CLIP = "clipground/world-clip-v2"  # whole-scene world CLIP, the default backbone
 WORLD_CLIP_V1 = "clipground/world-clip"  # the first world CLIP (64 px region crops), kept for its results
 WORLD_SAM = "clipground/world-sam"
 WORLD_BLIP = "clipground/world-blip"
+WORLD_REGION_CLIP = "clipground/world-region-clip"  # world CLIP v2 + mask channel + LoRA (region-clip)
 #: The hub models the same options default to beside a hub (non-world) CLIP.
 HUB_SAM = "facebook/sam-vit-base"
 HUB_BLIP = "Salesforce/blip-itm-base-coco"
@@ -33,6 +36,7 @@ BUNDLED: dict[str, Path] = {
     WORLD_CLIP: _ASSETS / "world-clip-v2",
     WORLD_SAM: _ASSETS / "world-sam",
     WORLD_BLIP: _ASSETS / "world-blip",
+    WORLD_REGION_CLIP: _ASSETS / "world-region-clip",
 }
 #: Trained world grounders (``Grounder.from_pretrained("clipground/world-<method>")``).
 BUNDLED_METHODS_DIR = _ASSETS / "methods"
@@ -46,7 +50,10 @@ def bundled_method_name(method: str) -> str:
 def bundled_grounder_dir(name: str) -> Path | None:
     """The shipped directory of a bundled trained grounder name, or ``None`` if ``name`` is not one."""
     prefix = "clipground/world-"
-    if not name.startswith(prefix) or name in BUNDLED:
+    if name in BUNDLED:  # a bundled backbone may also be a grounder (the region-aware CLIP's folder is both)
+        d = BUNDLED[name]
+        return d if (d / "grounder.json").is_file() else None
+    if not name.startswith(prefix):
         return None
     d = BUNDLED_METHODS_DIR / name[len(prefix):]
     return d if (d / "grounder.json").is_file() else None
@@ -95,13 +102,14 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[str, bool]:
     name = str(name_or_path)
     if name in BUNDLED:
         path = BUNDLED[name]
-        if not (path / "config.json").is_file():
+        if not ((path / "config.json").is_file() or (path / REGION_FILE).is_file()):
             raise CheckpointNotFoundError(f"bundled checkpoint '{name}' is missing from this install ({path})")
         return str(path), True
     p = Path(name).expanduser()
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise CheckpointNotFoundError(f"'{p}' is a directory but has no config.json: not a save_pretrained checkpoint")
+        if not ((p / "config.json").is_file() or (p / REGION_FILE).is_file()):
+            raise CheckpointNotFoundError(f"'{p}' is a directory but has no config.json: not a save_pretrained checkpoint "
+                                          f"(nor a region-aware CLIP's {REGION_FILE})")
         return str(p), True
     looks_local = name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
     if looks_local or p.exists():

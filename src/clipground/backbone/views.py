@@ -6,6 +6,12 @@
 * ``circle``: the whole image with a red ellipse drawn around the box (Red Circle,
   Shtedritski et al., ICCV 2023).
 
+* ``alpha`` (a *mask* view): the whole image with the proposal's mask (its box, or a segment
+  of it) as a fourth input channel of a region-aware CLIP (Alpha-CLIP, Sun et al., CVPR 2024;
+  :mod:`clipground.backbone.alpha`): one forward per (image, mask) pair.
+* ``fgvp`` (a *mask* view): the whole image blurred outside the proposal's mask (FGVP's
+  blur-reverse-mask prompt, Yang et al., NeurIPS 2023); with box masks it equals ``blur``.
+
 * ``roi`` (a *pooled* view, rendered by no one): the whole image is encoded once and each
   box's embedding is pooled from the patch embeddings it covers
   (:func:`clipground.backbone.features.roi_embeddings`), so its cost does not grow with the
@@ -19,13 +25,17 @@ exactly the same views.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 VIEW_KINDS = ("crop", "blur", "circle")
 #: Views pooled from one whole-image encoding instead of rendered per box.
 POOLED_VIEW_KINDS = ("roi",)
+#: Views of a proposal's mask (its box, or a segment from a promptable segmenter).
+MASK_VIEW_KINDS = ("alpha", "fgvp")
 
 
 def _int_box(box: Sequence[float], w: int, h: int) -> tuple[int, int, int, int]:
@@ -71,6 +81,14 @@ def circle_view(image: Image.Image, box: Sequence[float], width: int | None = No
     return out
 
 
+def fgvp_view(image: Image.Image, mask: Any, blurred: Image.Image | None = None) -> Image.Image:
+    """Whole image, blurred outside ``mask`` (``(H, W)`` bool; FGVP's blur-reverse-mask prompt)."""
+    if blurred is None:
+        blurred = blur_image(image)
+    m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    return Image.composite(image, blurred, Image.fromarray(m.astype(bool).astype(np.uint8) * 255, "L"))
+
+
 def render_view(kind: str, image: Image.Image, box: Sequence[float], blurred: Image.Image | None = None) -> Image.Image:
     """One view of ``box`` (``blurred``: a precomputed :func:`blur_image` to reuse)."""
     if kind == "crop":
@@ -82,13 +100,13 @@ def render_view(kind: str, image: Image.Image, box: Sequence[float], blurred: Im
     raise ValueError(f"unknown view kind {kind!r}; choose from {VIEW_KINDS}")
 
 
-def check_view_kinds(kinds: Sequence[str], pooled: bool = False) -> tuple[str, ...]:
+def check_view_kinds(kinds: Sequence[str], pooled: bool = False, masked: Sequence[str] = ()) -> tuple[str, ...]:
     """``kinds`` as a tuple of distinct known view kinds, or a :class:`~clipground.errors.ConfigError`
-    (``pooled``: the caller also accepts :data:`POOLED_VIEW_KINDS`)."""
+    (``pooled``: the caller also accepts :data:`POOLED_VIEW_KINDS`; ``masked``: the mask views it accepts)."""
     from ..errors import ConfigError
 
     kinds = tuple(kinds)
-    known = VIEW_KINDS + (POOLED_VIEW_KINDS if pooled else ())
+    known = VIEW_KINDS + (POOLED_VIEW_KINDS if pooled else ()) + tuple(k for k in MASK_VIEW_KINDS if k in masked)
     bad = sorted(set(kinds) - set(known))
     if bad or not kinds or len(set(kinds)) != len(kinds):
         raise ConfigError(f"views must be distinct kinds from {', '.join(known)}, got {list(kinds)}")

@@ -1,7 +1,9 @@
 """Scoring proposals by CLIP similarity of their isolated views: the base of ``zero-shot`` and ``flyp``.
 
 Each proposal is shown to CLIP in isolation (:mod:`clipground.backbone.views`: ``crop``,
-``blur``, ``circle``), or pooled from one whole-image encoding (``roi``), and compared with
+``blur``, ``circle``), or pooled from one whole-image encoding (``roi``), or as the whole image
+with the proposal's mask (``alpha`` through a region-aware backbone, ``fgvp`` blurred outside the
+mask; masks are the boxes, or segments of them from a promptable segmenter), and compared with
 the phrase; views are ensembled by averaging their
 cosine similarities. With ``relations`` a ReCLIP-style resolver
 (:func:`clipground.relations.score_expression`) answers left/right/top/bottom,
@@ -19,9 +21,13 @@ from typing import Any
 
 import torch
 
+from ..backbone.alpha import is_region_backbone
 from ..backbone.features import RoiView, view_embeddings_batch
-from ..backbone.views import check_view_kinds
+from ..backbone.hub import BUNDLED, WORLD_REGION_CLIP, companion_checkpoint
+from ..backbone.views import MASK_VIEW_KINDS, check_view_kinds
+from ..errors import ConfigError
 from ..relations import score_expression
+from ..segmenters import make_segmenter, segment_boxes
 from .base import GroundingMethod, ImageState, MethodConfig, Ranking
 
 
@@ -31,7 +37,9 @@ class ViewScorerConfig(MethodConfig):
 
     Attributes:
         views: which views to ensemble (``crop``, ``blur``, ``circle``: rendered per box;
-            ``roi``: pooled from one whole-image encoding, see ``roi_size``/``roi_dense``).
+            ``roi``: pooled from one whole-image encoding, see ``roi_size``/``roi_dense``;
+            ``alpha``: the whole image with the proposal's mask, needs a region-aware backbone;
+            ``fgvp``: the whole image blurred outside the proposal's mask; see ``masks``).
         relations: resolve spatial words with geometry rules (ReCLIP-style).
         size_words: with ``relations``, read size adjectives ("the large blue square") as
             "the biggest blue square": a crop scored on its own has lost its size, and
@@ -41,6 +49,10 @@ class ViewScorerConfig(MethodConfig):
         prompt: template the phrase is put in before text encoding.
         roi_size: ``roi`` view: side the whole image is encoded at (0: the checkpoint's own).
         roi_dense: ``roi`` view: pooled patch embeddings, ``value`` (MaskCLIP) or ``final``.
+        masks: mask views (``alpha``, ``fgvp``): ``box`` (each proposal's rectangle) or ``sam``
+            (a segment of each proposal from SAM prompted with its box, computed once per image).
+        sam_model: SAM checkpoint of ``masks=sam``; ``auto``: the bundled world SAM beside a
+            bundled world CLIP (or a region-aware CLIP made from one), the hub SAM otherwise.
     """
 
     views: tuple[str, ...] = ("crop", "blur")
@@ -50,6 +62,11 @@ class ViewScorerConfig(MethodConfig):
     prompt: str = "{}"
     roi_size: int = 0
     roi_dense: str = "value"
+    masks: str = "box"
+    sam_model: str = "auto"
+
+
+MASK_SOURCES = ("box", "sam")
 
 
 class ViewScorer(GroundingMethod):
@@ -59,22 +76,53 @@ class ViewScorer(GroundingMethod):
 
     def __init__(self, backbone: Any, config: ViewScorerConfig | None = None):
         super().__init__(backbone, config)
-        check_view_kinds(self.config.views, pooled=True)
-        self.roi = RoiView(self.config.roi_size, self.config.roi_dense)
+        c = self.config
+        check_view_kinds(c.views, pooled=True, masked=MASK_VIEW_KINDS)
+        self.roi = RoiView(c.roi_size, c.roi_dense)
+        if c.masks not in MASK_SOURCES:
+            raise ConfigError(f"masks must be one of {', '.join(MASK_SOURCES)}, got {c.masks!r}")
+        if "alpha" in c.views and not is_region_backbone(backbone):
+            raise ConfigError(f"view 'alpha' needs a region-aware backbone (a mask channel), and '{backbone.name}' "
+                              f"is a plain CLIP: use --backbone {WORLD_REGION_CLIP}, a `clipground train --method "
+                              f"region-clip` output (OUT/final/backbone), or the region-clip method")
+        self._segmenter: Any = None
+
+    @property
+    def mask_views(self) -> bool:
+        """Whether a view reads the proposals' masks."""
+        return any(v in MASK_VIEW_KINDS for v in self.config.views)
 
     def feature_key(self) -> dict[str, Any]:
         key = {"kind": "views", "views": list(self.config.views), "backbone": self.backbone.name}
         if "roi" in self.config.views:
             key["roi"] = self.roi.to_dict()
+        if self.mask_views:
+            key["masks"] = self.config.masks if self.config.masks == "box" else f"sam:{self.sam_checkpoint()}"
         return key
+
+    def sam_checkpoint(self) -> str:
+        """The SAM of ``masks=sam`` (``auto`` resolved beside the backbone)."""
+        if self.config.sam_model != "auto":
+            return self.config.sam_model
+        return companion_checkpoint("sam", getattr(self.backbone, "base", self.backbone.name)
+                                    if self.backbone.name not in BUNDLED else self.backbone.name)
+
+    def proposal_masks(self, state: ImageState) -> torch.Tensor | None:
+        """The masks the mask views read: ``None`` (the boxes) or SAM's segment of every proposal."""
+        if not self.mask_views or self.config.masks == "box":
+            return None
+        if self._segmenter is None:
+            self._segmenter = make_segmenter("sam", sam_model=self.sam_checkpoint(), sam_prompt="box")
+        return segment_boxes(self._segmenter, state.image, state.proposals.boxes)
 
     def encode_image(self, state: ImageState) -> None:
         self.encode_images([state])
 
     def encode_images(self, states: list[ImageState]) -> None:
         """All views of all ``states`` encoded in shared batches (streamed, see ``encode_images``)."""
+        masks = [self.proposal_masks(s) for s in states] if self.mask_views else None
         embs = view_embeddings_batch(self.backbone, [s.image for s in states], [s.proposals.boxes for s in states],
-                                     self.config.views, self.roi)
+                                     self.config.views, self.roi, masks)
         for s, e in zip(states, embs):
             s.features["view_embeds"] = e
 
