@@ -106,7 +106,8 @@ class CacheSpec:
 
     Attributes:
         kind: ``regions`` (proposal views) or ``dense`` (patch tokens of the padded square).
-        views: ``regions``: proposal view kinds to embed (``crop``, ``blur``, ``circle``).
+        views: ``regions``: proposal view kinds to embed (``crop``, ``blur``, ``circle``; ``alpha``
+            with a region-aware backbone, box masks).
         patches: ``regions``: also store the whole image's patch embeddings ``(P, D)``.
         tiles, input_size, dense: ``dense``: the :class:`~clipground.backbone.features.DenseView`.
         prompt: template the expressions are put in before text encoding.
@@ -132,7 +133,7 @@ class CacheSpec:
         if self.kind not in KINDS:
             raise CacheError(f"cache kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         try:
-            self.views = check_view_kinds(self.views)
+            self.views = check_view_kinds(self.views, masked=("alpha",))
             DenseView(self.tiles, self.input_size, self.dense)
         except ClipgroundError as e:
             raise CacheError(str(e)) from None

@@ -297,6 +297,11 @@ class RegionClipBackbone(ClipBackbone):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.peft.save_pretrained(str(path / ADAPTER_DIR))
+        (path / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+        cfg_path = path / ADAPTER_DIR / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg["base_model_name_or_path"] = self.base  # the base by its clipground name, not a local path
+        write_json(cfg_path, cfg)
         save_file(self.mask_state_dict(), str(path / MASK_WEIGHTS))
         write_json(path / REGION_FILE, {"format": FORMAT, "version": 1, "base": self.base,
                                         "adapter": self.adapter.to_dict(),
@@ -375,6 +380,16 @@ def is_region_backbone(backbone: Any) -> bool:
     return isinstance(backbone, RegionClipBackbone)
 
 
+def check_alpha_views(views: Sequence[str], backbone: Any) -> None:
+    """Refuse the ``alpha`` view on a plain CLIP (it has no mask channel) with what to use instead."""
+    from .hub import WORLD_REGION_CLIP
+
+    if "alpha" in views and not is_region_backbone(backbone):
+        raise ConfigError(f"view 'alpha' needs a region-aware backbone (a mask channel), and '{backbone.name}' is a "
+                          f"plain CLIP: use --backbone {WORLD_REGION_CLIP}, the backbone/ folder of a `clipground "
+                          f"train --method region-clip` output, or the region-clip method")
+
+
 __all__ = [
     "ALPHA_MEAN",
     "ALPHA_STD",
@@ -383,6 +398,7 @@ __all__ = [
     "MaskPatchEmbedding",
     "RegionClipBackbone",
     "add_lora",
+    "check_alpha_views",
     "add_mask_channel",
     "box_masks",
     "has_mask_channel",

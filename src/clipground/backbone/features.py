@@ -120,12 +120,9 @@ def alpha_embeddings(backbone: ClipBackbone, images: Sequence[Image.Image], mask
     """Per image, ``(K, D)`` embeddings of the ``alpha`` view: the whole image with each of its ``(K, H, W)``
     masks as the region-aware backbone's mask channel (one forward per (image, mask) pair, batched
     across images; each image is preprocessed once)."""
-    from .alpha import is_region_backbone
+    from .alpha import check_alpha_views
 
-    if not is_region_backbone(backbone):
-        raise ConfigError(f"view 'alpha' needs a region-aware backbone (a mask channel), and '{backbone.name}' is a "
-                          f"plain CLIP: use the bundled clipground/world-region-clip, a `clipground train --method "
-                          f"region-clip` output, or the region-clip method")
+    check_alpha_views(("alpha",), backbone)
     counts = [int(len(m)) for m in masks]
     parts = [backbone.preprocess_regions(im, list(m)) for im, m in zip(images, masks) if len(m)]  # type: ignore[attr-defined]
     emb = torch.zeros(0, backbone.embed_dim)

@@ -1,7 +1,8 @@
 """Visual Genome ``region_descriptions.json``.
 
 A list with one entry per image, ``{"id": image_id, "regions": [{region_id, image_id,
-phrase, x, y, width, height}, ...]}``. Images are ``{image_id}.jpg`` under ``images``; the
+phrase, x, y, width, height}, ...]}``; a region may also carry a ``segmentation`` (COCO
+polygons or RLE), kept in the record's ``meta`` for what reads masks (the region-clip recipe). Images are ``{image_id}.jpg`` under ``images``; the
 official download splits them over ``VG_100K/`` and ``VG_100K_2/``, which are searched
 too. Each region becomes one record (split empty: VG has no official REC split).
 """
@@ -52,6 +53,7 @@ def load_visual_genome(path: Path, images: Path | None = None, data: Any = None,
             for j, r in enumerate(regions):
                 where = f"entry {i}, regions[{j}]"
                 x, y, w, h = (need(r, k, "number") for k in ("x", "y", "width", "height"))
+                seg = r.get("segmentation")
                 out.append(GroundingRecord(
                     image=file,
                     expression=text(r["phrase"]).strip(),
@@ -59,6 +61,7 @@ def load_visual_genome(path: Path, images: Path | None = None, data: Any = None,
                     image_id=str(image_id),
                     ref_id=ident(r.get("region_id", r.get("id"))),
                     split="",
+                    meta={"segmentation": seg} if seg else {},
                 ))
     except (KeyError, ValueError) as e:
         raise malformed(path, what, where, e) from None

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..backbone import ClipBackbone
+from ..backbone.alpha import check_alpha_views
 from ..backbone.features import region_feature_key, region_features
 from ..backbone.views import check_view_kinds
 from ..errors import ConfigError
@@ -226,7 +227,8 @@ class ProposalClassifierConfig(MethodConfig):
     """Options of :class:`ProposalClassifier`.
 
     Attributes:
-        views: view kinds whose CLIP embeddings describe a proposal.
+        views: view kinds whose CLIP embeddings describe a proposal (``alpha`` with a region-aware
+            backbone: the whole image with the proposal's box as the mask channel).
         hidden: MLP width.
         depth: hidden layers of the MLP.
         dropout: dropout between MLP layers.
@@ -254,7 +256,8 @@ class ProposalClassifier(_FrozenFeatureScorer):
     def __init__(self, backbone: ClipBackbone, config: ProposalClassifierConfig | None = None):
         super().__init__(backbone, config)
         c = self.config
-        check_view_kinds(c.views)
+        check_view_kinds(c.views, masked=("alpha",))
+        check_alpha_views(c.views, backbone)
         v, d = len(c.views), backbone.embed_dim
         in_dim = v * d + GEOMETRY_DIM + d + (v * d + v if c.interactions else 0) + (2 * v + 2 if c.noun_phrases else 0)
         layers: list[nn.Module] = []
@@ -286,7 +289,8 @@ class ProposalAttentionConfig(MethodConfig):
     """Options of :class:`ProposalAttention`.
 
     Attributes:
-        views: view kinds whose CLIP embeddings describe a proposal.
+        views: view kinds whose CLIP embeddings describe a proposal (``alpha`` with a region-aware
+            backbone: the whole image with the proposal's box as the mask channel).
         d_model: width of the Transformer.
         heads: attention heads.
         layers: encoder layers.
@@ -372,7 +376,8 @@ class ProposalAttention(_FrozenFeatureScorer):
     def __init__(self, backbone: ClipBackbone, config: ProposalAttentionConfig | None = None):
         super().__init__(backbone, config)
         c = self.config
-        check_view_kinds(c.views)
+        check_view_kinds(c.views, masked=("alpha",))
+        check_alpha_views(c.views, backbone)
         self.needs_tokens = bool(c.text_tokens)
         v, d, dm = len(c.views), backbone.embed_dim, c.d_model
         prop_in = v * d + (v * d + v if c.interactions else 0) + (2 * v + 2 if c.noun_phrases else 0)

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from ..backbone.alpha import is_region_backbone
+from ..backbone.alpha import check_alpha_views
 from ..backbone.features import RoiView, view_embeddings_batch
-from ..backbone.hub import BUNDLED, WORLD_REGION_CLIP, companion_checkpoint
+from ..backbone.hub import BUNDLED, companion_checkpoint
 from ..backbone.views import MASK_VIEW_KINDS, check_view_kinds
 from ..errors import ConfigError
 from ..relations import score_expression
@@ -81,10 +81,7 @@ class ViewScorer(GroundingMethod):
         self.roi = RoiView(c.roi_size, c.roi_dense)
         if c.masks not in MASK_SOURCES:
             raise ConfigError(f"masks must be one of {', '.join(MASK_SOURCES)}, got {c.masks!r}")
-        if "alpha" in c.views and not is_region_backbone(backbone):
-            raise ConfigError(f"view 'alpha' needs a region-aware backbone (a mask channel), and '{backbone.name}' "
-                              f"is a plain CLIP: use --backbone {WORLD_REGION_CLIP}, a `clipground train --method "
-                              f"region-clip` output (OUT/final/backbone), or the region-clip method")
+        check_alpha_views(c.views, backbone)
         self._segmenter: Any = None
 
     @property

@@ -48,6 +48,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ...backbone.alpha import box_masks, preprocess_masks
+from ...backbone.features import too_long
 from ...data.records import GroundingRecord
 from ...errors import BadAnnotationError, ConfigError
 from ...grounder import Grounder
@@ -387,6 +388,10 @@ def train(args: TrainArgs) -> Path:
     share = method.backbone.trainable_share()  # type: ignore[attr-defined]
     print(f"training {len(trainable)} tensors, {int(share['trainable']):,} parameters: "
           f"{share['share_of_vision']:.2%} of the vision tower ({share['share_of_model']:.2%} of the CLIP)", flush=True)
+    long = too_long(method.backbone, [r.expression for r in train_records])
+    if any(long):
+        print(f"left out {sum(long)} training phrases too long for the text encoder", flush=True)
+        train_records = [r for r, x in zip(train_records, long) if not x]
     dataset = RegionDataset(train_records, cfg.data, cfg.train.seed, world)
     print(f"training regions: {dataset.n_regions} ({dataset.n_said} with {dataset.n_phrases} phrases, the others "
           f"negatives only) on {len(dataset)} images", flush=True)
