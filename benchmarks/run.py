@@ -9,7 +9,8 @@ test CLIP (``--model tiny``: checks that every figure is produced, says nothing 
 Figures:
 
 * ``set_image`` with K=32 boxes: crop+blur (today's default) vs the ``roi`` view (eager and
-  onnxruntime fp32/int8, at the native side and twice it) vs one whole-image encode;
+  onnxruntime fp32/int8, at the native side and twice it) vs the region-aware ``alpha`` view
+  (one forward per (image, box mask) pair) vs one whole-image encode;
 * image and text towers: eager vs onnxruntime fp32 vs int8, batch 1 and 32, with the fp32
   parity (max abs diff);
 * one ``predict`` per phrase vs the naive loop re-encoding every view per phrase
@@ -58,6 +59,7 @@ import bench_cache_training  # noqa: E402  (the existing benchmarks are part of 
 import bench_set_image  # noqa: E402
 
 from clipground.backbone import ClipBackbone  # noqa: E402
+from clipground.backbone.alpha import RegionClipBackbone  # noqa: E402
 from clipground.backbone.onnx_runtime import export_onnx  # noqa: E402
 from clipground.data.records import GroundingRecord  # noqa: E402
 from clipground.evaluation import evaluate  # noqa: E402
@@ -192,6 +194,9 @@ class Suite:
             (f"roi @{native}, onnxruntime fp32", self.ort, {"views": ("roi",), "roi_size": native}),
             (f"roi @{native}, onnxruntime int8", self.ort8, {"views": ("roi",), "roi_size": native}),
             (f"roi @{double}, onnxruntime int8", self.ort8, {"views": ("roi",), "roi_size": double}),
+            # one forward per (image, box mask) pair through the mask channel (weights at zero: same compute)
+            ("alpha (region-aware CLIP, box masks), eager", RegionClipBackbone.from_backbone(self.eager),
+             {"views": ("alpha",)}),
         ]
         best = None
         for label, bb, opts in modes:

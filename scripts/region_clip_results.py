@@ -166,6 +166,24 @@ def cost(world: Path, records: list[Any], objects: dict, backbones: dict[str, Cl
     return out
 
 
+def shares(region: ClipBackbone) -> dict[str, Any]:
+    """Trainable share of the default adapter on the ViT-B/16 architecture (CLIPVisionConfig defaults with
+    16 px patches, no weights materialised) and of the region-aware world CLIP as trained."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from clipground.backbone.alpha import AdapterConfig, add_lora, add_mask_channel, trainable_share
+
+    with torch.device("meta"):
+        model = CLIPModel(CLIPConfig(vision_config=dict(patch_size=16), projection_dim=512))
+    add_mask_channel(model)
+    add_lora(model, AdapterConfig(rank=16, target_modules=("q_proj", "k_proj", "v_proj", "out_proj")))
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n or "patch_embedding.alpha" in n)
+    return {"ViT-B/16 (rank 16, q/k/v/out)": trainable_share(model),
+            f"{region.name} (rank {region.adapter.rank}, {'/'.join(region.adapter.target_modules)})":
+                region.trainable_share()}
+
+
 def figure(retrieval: dict[str, Any], path: Path) -> None:
     """Grouped bars: retrieval top-1 by expression type, all scenes and cluttered ones."""
     import matplotlib
@@ -224,6 +242,11 @@ def markdown(res: dict[str, Any], command: str) -> str:
                          + f" | {pct(d['cluttered']['acc@0.5'])} | "
                          + " | ".join(pct(d['cluttered']['by_type'][t]) for t in TYPES)
                          + f" | {'-' if mp is None else f'{mp:.1f}'} |")
+    lines += ["", "## Trainable share", "", "| model | trainable | of the vision tower | of the whole CLIP |",
+              "|---|---:|---:|---:|"]
+    for name, d in res["shares"].items():
+        lines.append(f"| {name} | {int(d['trainable']):,} | {100 * d['share_of_vision']:.2f}% of "
+                     f"{int(d['vision_params']):,} | {100 * d['share_of_model']:.2f}% |")
     c = res.get("cost")
     if c:
         a, b = c["crop+blur (plain CLIP)"], c["alpha (region-aware CLIP)"]
@@ -255,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"command": command.strip(), "world": str(args.world), "base": args.base,
                            "region": args.region, "records": len(records)}
     t0 = time.perf_counter()
+    res["shares"] = shares(region)
     res["retrieval"] = region_retrieval(args.world, records, objects, backbones)
     gt = f"gt:{args.world / 'instances_test.json'}"
     if not args.skip_grounding:
