@@ -102,10 +102,11 @@ def region_retrieval(world: Path, records: list[Any], objects: dict, backbones: 
         cache: dict[tuple, torch.Tensor] = {}
         for label, which, views, masks in RETRIEVAL_VIEWS:
             bb = backbones[which]
-            key = (which, views, masks)
-            if key not in cache:
-                cache[key] = view_embeddings(bb, img, boxes, views, masks=segs if masks == "segment" else None)
-            emb = cache[key]  # (V, K, D)
+            for v in views:  # each single view encoded once per image, combinations stack them
+                if (which, v, masks) not in cache:
+                    cache[(which, v, masks)] = view_embeddings(bb, img, boxes, (v,),
+                                                               masks=segs if masks == "segment" else None)[0]
+            emb = torch.stack([cache[(which, v, masks)] for v in views])  # (V, K, D)
             missing = [r.expression for r in recs if r.expression not in texts[which]]
             if missing:
                 for t, e in zip(missing, bb.text_embeds(missing)):
@@ -117,21 +118,47 @@ def region_retrieval(world: Path, records: list[Any], objects: dict, backbones: 
     return {label: breakdown(rs, "hit") for label, rs in rows.items()}
 
 
-def grounding(world: Path, records: list[Any], objects: dict, runs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """(b), (c): Acc@0.5 of each grounder through the one evaluator, overall and on cluttered scenes."""
+def selective_search_table(records: list[Any], path: Path) -> dict[str, list[list[float]]]:
+    """Selective-search boxes of every test image, computed once and kept in ``path`` (the runs below share them)."""
+    from tqdm import tqdm
+
+    from clipground.proposals import get_proposals
+
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    ss = get_proposals("selective-search")
+    table = {}
+    for image in tqdm(sorted({r.image for r in records}), desc="selective search", dynamic_ncols=True):
+        table[image] = ss(load_image(image), image).boxes.tolist()
+    write_json(path, table)
+    return table
+
+
+def grounding(records: list[Any], objects: dict, runs: list[tuple[str, Any, list[tuple[str, dict[str, Any]]]]]
+              ) -> dict[str, Any]:
+    """(b), (c): Acc@0.5 through the one evaluator, overall and on cluttered scenes. Each run is
+    ``(proposals name, make_grounder(**options), [(label, scoring options)])``: the images are encoded
+    once per run and every label scores the same image states (e.g. with and without the resolver)."""
     out: dict[str, Any] = {}
     n_obj = {r.image: len(objects[r.image_id][0]) for r in records}
-    for label, make in runs:
+    for pname, make, labels in runs:
         t0 = time.perf_counter()
-        g = make()
-        res = evaluate(g, records, progress=True, examples=0, label=label)
-        rows = [{"iou_hit": it.iou >= 0.5, "type": it.type, "objects": n_obj[it.image]} for it in res.items]
-        out[label] = breakdown(rows, "iou_hit")
-        out[label]["mean_proposals"] = res.metrics.get("mean_proposals")
-        out[label]["seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"{label}: acc@0.5 {out[label]['all']['acc@0.5']:.3f}, cluttered {out[label]['cluttered']['acc@0.5']:.3f}",
-              flush=True)
-        del g
+        states: dict[str, Any] = {}
+        for label, opts in labels:
+            g = make(**opts)
+            if not states:
+                images = sorted({r.image for r in records})
+                for i in range(0, len(images), 16):
+                    for im, st in zip(images[i : i + 16], g.image_states(images[i : i + 16])):
+                        states[im] = st
+            res = evaluate(g, records, progress=False, examples=0, label=label, states=states.__getitem__)
+            rows = [{"iou_hit": it.iou >= 0.5, "type": it.type, "objects": n_obj[it.image]} for it in res.items]
+            name = f"{label} ({pname})"
+            out[name] = breakdown(rows, "iou_hit")
+            out[name]["mean_proposals"] = res.metrics.get("mean_proposals")
+            out[name]["seconds"] = round(time.perf_counter() - t0, 1)
+            print(f"{name}: acc@0.5 {out[name]['all']['acc@0.5']:.3f}, cluttered {out[name]['cluttered']['acc@0.5']:.3f}"
+                  f" ({out[name]['seconds']} s)", flush=True)
     return out
 
 
@@ -268,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     command = "python scripts/region_clip_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
     ensure_world(args.world, progress=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     records = read_jsonl(args.world / "test.jsonl")
     if args.limit:
         records = records[: args.limit]
@@ -282,25 +310,30 @@ def main(argv: list[str] | None = None) -> int:
     res["retrieval"] = region_retrieval(args.world, records, objects, backbones)
     gt = f"gt:{args.world / 'instances_test.json'}"
     if not args.skip_grounding:
-        runs = []
-        for props, pname in ((gt, "GT boxes"), ("selective-search", "selective search")):
-            runs += [
-                (f"crop+blur, plain CLIP ({pname})", lambda p=props: Grounder.load("zero-shot", backbone=base, proposals=p)),
-                (f"alpha, region-aware CLIP ({pname})",
-                 lambda p=props: Grounder.load("zero-shot", backbone=region, proposals=p, views=("alpha",))),
-                (f"alpha, region-aware CLIP, no resolver ({pname})",
-                 lambda p=props: Grounder.load("zero-shot", backbone=region, proposals=p, views=("alpha",),
-                                               relations=False)),
-                (f"alpha with world-SAM masks, region-aware CLIP ({pname})",
-                 lambda p=props: Grounder.load("zero-shot", backbone=region, proposals=p, views=("alpha",), masks="sam")),
-                (f"FGVP: crop + blur outside world-SAM mask, plain CLIP ({pname})",
-                 lambda p=props: Grounder.load("zero-shot", backbone=base, proposals=p, views=("crop", "fgvp"),
-                                               masks="sam")),
-            ]
-        res["grounding"] = grounding(args.world, records, objects, runs)
+        from clipground.proposals.files import PrecomputedProposals
+
+        table = selective_search_table(records, args.out / "selective_search_test.json")
+        ss = PrecomputedProposals.from_table(table, min_size=0.0, nms_iou=None, top_k=100_000)
+
+        def zs(backbone: ClipBackbone, props: Any) -> Any:
+            return lambda **o: Grounder.load("zero-shot", backbone=backbone, proposals=props, **o)
+
+        alpha = {"views": ("alpha",)}
+        runs = [
+            ("GT boxes", zs(base, gt), [("crop+blur, plain CLIP", {})]),
+            ("GT boxes", zs(region, gt), [("alpha, region-aware CLIP", alpha),
+                                          ("alpha, region-aware CLIP, no resolver", {**alpha, "relations": False})]),
+            ("GT boxes", zs(region, gt), [("alpha with world-SAM masks, region-aware CLIP", {**alpha, "masks": "sam"})]),
+            ("GT boxes", zs(base, gt), [("FGVP: crop + blur outside the world-SAM mask, plain CLIP",
+                                         {"views": ("crop", "fgvp"), "masks": "sam"})]),
+            ("selective search", zs(base, ss), [("crop+blur, plain CLIP", {})]),
+            ("selective search", zs(region, ss), [("alpha, region-aware CLIP", alpha),
+                                                  ("alpha, region-aware CLIP, no resolver",
+                                                   {**alpha, "relations": False})]),
+        ]
+        res["grounding"] = grounding(records, objects, runs)
     res["cost"] = cost(args.world, records, objects, backbones)
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "region_clip_results.json", res)
     atomic_write(args.out / "region_clip_results.md", markdown(res, res["command"]))
     figure(res["retrieval"], args.out / "region_retrieval.png")

@@ -39,6 +39,10 @@ class RegionClipConfig(ViewScorerConfig):
         lora_dropout: dropout on the LoRA input during training.
         target_modules: vision attention projections with LoRA (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``).
         layernorms: also train the vision tower's LayerNorms.
+        mask_lr_scale: training only: the mask convolution's learning rate relative to the adapters'.
+            Adam moves all 64 weights of a patch kernel by about the learning rate per step, so the
+            mask's share of a patch embedding grows ~100 times faster than one weight: at the
+            adapters' rate it would swamp the RGB embedding within a few steps.
     """
 
     views: tuple[str, ...] = ("alpha",)
@@ -47,6 +51,7 @@ class RegionClipConfig(ViewScorerConfig):
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     layernorms: bool = False
+    mask_lr_scale: float = 0.06
 
     def adapter(self) -> AdapterConfig:
         return AdapterConfig(self.rank, self.lora_alpha, self.lora_dropout, tuple(self.target_modules), self.layernorms)

@@ -144,6 +144,8 @@ class Trainer:
             true (and that require grad) are trained and checkpointed, the rest are frozen.
         accelerator: an existing :class:`accelerate.Accelerator` to reuse.
         extra_state: optional JSON-able dict stored in every checkpoint (e.g. the model config).
+        lr_scale: optional ``(name, param) -> float``: that parameter's learning rate is
+            ``config.lr`` times it (the schedule applies to every group alike).
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class Trainer:
         param_filter: ParamFilter | None = None,
         accelerator: Any | None = None,
         extra_state: dict[str, Any] | None = None,
+        lr_scale: Callable[[str, torch.nn.Parameter], float] | None = None,
     ) -> None:
         validate_train_config(config)
         if loss_fn is None:
@@ -169,6 +172,7 @@ class Trainer:
         self.eval_fn = eval_fn
         self.param_filter = param_filter
         self.extra_state = extra_state or {}
+        self.lr_scale = lr_scale
         self.output_dir = Path(config.output_dir)
         self._accelerator = accelerator
 
@@ -205,10 +209,14 @@ class Trainer:
 
     def _optimizer(self, named: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
         # Standard practice: no weight decay on biases, norms, scalars and embeddings of dim 1.
-        decay = [p for n, p in named if p.ndim >= 2]
-        no_decay = [p for n, p in named if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        scales = [1.0 if self.lr_scale is None else float(self.lr_scale(n, p)) for n, p in named]
+        groups = []
+        for s in dict.fromkeys(scales):  # one decay / no-decay pair per learning-rate scale, in a fixed order
+            lr = {} if s == 1.0 else {"lr": self.cfg.lr * s}
+            groups += [{"params": [p for (n, p), k in zip(named, scales) if k == s and p.ndim >= 2],
+                        "weight_decay": self.cfg.weight_decay, **lr},
+                       {"params": [p for (n, p), k in zip(named, scales) if k == s and p.ndim < 2],
+                        "weight_decay": 0.0, **lr}]
         groups = [g for g in groups if g["params"]]
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas), eps=self.cfg.adam_eps)
 

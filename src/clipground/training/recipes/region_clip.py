@@ -1,8 +1,8 @@
 """Region-text contrastive training of a region-aware CLIP (``clipground train --method region-clip``).
 
-What trains: the mask convolution and the LoRA adapters of the vision tower
-(:mod:`clipground.backbone.alpha`; LayerNorms too with ``model.layernorms``); the text tower
-and CLIP's temperature stay frozen.
+What trains: the mask convolution (at ``model.mask_lr_scale`` times the learning rate) and the
+LoRA adapters of the vision tower (:mod:`clipground.backbone.alpha`; LayerNorms too with
+``model.layernorms``); the text tower and CLIP's temperature stay frozen.
 
 Samples: one image with its regions. A region is (the image, a mask) paired with its phrase:
 
@@ -110,6 +110,8 @@ def load_region_config(path: str | None, overrides: Sequence[str] = ()) -> Regio
     d = cfg.data
     if d.regions_per_image < 0 or d.hard_negatives < 0:
         raise ConfigError("data.regions_per_image and data.hard_negatives must be >= 0")
+    if not cfg.model.mask_lr_scale > 0:
+        raise ConfigError(f"model.mask_lr_scale must be > 0, got {cfg.model.mask_lr_scale}")
     if not 0 <= d.p_box <= 1 or not 0 <= d.jitter < 0.5:
         raise ConfigError("need 0 <= data.p_box <= 1 and 0 <= data.jitter < 0.5")
     if cfg.model.views != ("alpha",) and "alpha" not in cfg.model.views:
@@ -403,7 +405,8 @@ def train(args: TrainArgs) -> Path:
         eval_fn = validation_fn(Grounder(method, proposals), val_records)
     trainer = Trainer(cfg.train, method, dataset, collate_fn=make_collate(method.backbone),
                       loss_fn=region_loss(cfg.loss), eval_fn=eval_fn,
-                      extra_state={"method": "region-clip", "method_config": method.config.to_dict()})
+                      extra_state={"method": "region-clip", "method_config": method.config.to_dict()},
+                      lr_scale=lambda n, p: cfg.model.mask_lr_scale if "patch_embedding.alpha" in n else 1.0)
     t0 = time.perf_counter()
     result = trainer.fit(resume=args.resume)
     print(f"trained {result.step} steps in {result.wall_time_s:.1f} s; last: "
