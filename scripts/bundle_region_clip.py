@@ -58,8 +58,8 @@ def recipe_md(summary: dict, command: str) -> str:
         "",
         "## Validation metrics (final)",
         "",
-        "The one evaluator on the world's `val` split (the first "
-        f"{summary['config']['data']['val_limit'] or 'all'} expressions of a fixed random subset), the ground-truth "
+        "The one evaluator on the world's `val` split (a fixed random subset of "
+        f"{summary['config']['data']['val_limit'] or 'all'} expressions), the ground-truth "
         "boxes as candidates, the `alpha` view and the relation resolver:",
         "",
         "| metric | value |",

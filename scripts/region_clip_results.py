@@ -134,14 +134,14 @@ def selective_search_table(records: list[Any], path: Path) -> dict[str, list[lis
     return table
 
 
-def grounding(records: list[Any], objects: dict, runs: list[tuple[str, Any, list[tuple[str, dict[str, Any]]]]]
+def grounding(objects: dict, runs: list[tuple[list[Any], str, Any, list[tuple[str, dict[str, Any]]]]]
               ) -> dict[str, Any]:
     """(b), (c): Acc@0.5 through the one evaluator, overall and on cluttered scenes. Each run is
-    ``(proposals name, make_grounder(**options), [(label, scoring options)])``: the images are encoded
-    once per run and every label scores the same image states (e.g. with and without the resolver)."""
+    ``(records, proposals name, make_grounder(**options), [(label, scoring options)])``: the images are
+    encoded once per run and every label scores the same image states (e.g. with and without the resolver)."""
     out: dict[str, Any] = {}
-    n_obj = {r.image: len(objects[r.image_id][0]) for r in records}
-    for pname, make, labels in runs:
+    for records, pname, make, labels in runs:
+        n_obj = {r.image: len(objects[r.image_id][0]) for r in records}
         t0 = time.perf_counter()
         states: dict[str, Any] = {}
         for label, opts in labels:
@@ -156,6 +156,7 @@ def grounding(records: list[Any], objects: dict, runs: list[tuple[str, Any, list
             name = f"{label} ({pname})"
             out[name] = breakdown(rows, "iou_hit")
             out[name]["mean_proposals"] = res.metrics.get("mean_proposals")
+            out[name]["records"] = len(records)
             out[name]["seconds"] = round(time.perf_counter() - t0, 1)
             print(f"{name}: acc@0.5 {out[name]['all']['acc@0.5']:.3f}, cluttered {out[name]['cluttered']['acc@0.5']:.3f}"
                   f" ({out[name]['seconds']} s)", flush=True)
@@ -260,15 +261,15 @@ def markdown(res: dict[str, Any], command: str) -> str:
     if res.get("grounding"):
         lines += ["", "## (b, c) Grounding Acc@0.5 (the one evaluator; relation resolver on unless said)", "",
                   "| configuration | all | " + " | ".join(TYPES) + " | cluttered | "
-                  + " | ".join(f"cluttered {t}" for t in TYPES) + " | proposals/image |",
-                  "|---|" + "---:|" * (3 + 2 * len(TYPES))]
+                  + " | ".join(f"cluttered {t}" for t in TYPES) + " | proposals/image | expressions (cluttered) |",
+                  "|---|" + "---:|" * (4 + 2 * len(TYPES))]
         for lab, d in res["grounding"].items():
             mp = d.get("mean_proposals")
             lines.append(f"| {lab} | {pct(d['all']['acc@0.5'])} | "
                          + " | ".join(pct(d['all']['by_type'][t]) for t in TYPES)
                          + f" | {pct(d['cluttered']['acc@0.5'])} | "
                          + " | ".join(pct(d['cluttered']['by_type'][t]) for t in TYPES)
-                         + f" | {'-' if mp is None else f'{mp:.1f}'} |")
+                         + f" | {'-' if mp is None else f'{mp:.1f}'} | {d['all']['count']} ({d['cluttered']['count']}) |")
     lines += ["", "## Trainable share", "", "| model | trainable | of the vision tower | of the whole CLIP |",
               "|---|---:|---:|---:|"]
     for name, d in res["shares"].items():
@@ -291,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default=WORLD_CLIP, help="the plain CLIP it was made from")
     ap.add_argument("--out", type=Path, default=Path("results/region-clip"))
     ap.add_argument("--limit", type=int, default=0, help="first N test expressions only (0: all)")
+    ap.add_argument("--ss-limit", type=int, default=0, help="selective-search runs on the first N of those only (0: all)")
+    ap.add_argument("--ss-top-k", type=int, default=0, help="keep the top K selective-search boxes (0: all)")
+    ap.add_argument("--sam", action="store_true", help="also the world-SAM mask runs (GT boxes)")
     ap.add_argument("--skip-grounding", action="store_true", help="retrieval and cost only")
     args = ap.parse_args(argv)
     command = "python scripts/region_clip_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -312,26 +316,36 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_grounding:
         from clipground.proposals.files import PrecomputedProposals
 
-        table = selective_search_table(records, args.out / "selective_search_test.json")
-        ss = PrecomputedProposals.from_table(table, min_size=0.0, nms_iou=None, top_k=100_000)
+        ss_records = records[: args.ss_limit] if args.ss_limit else records
+        table = selective_search_table(ss_records, args.out / "selective_search_test.json")
+        ss = PrecomputedProposals.from_table(table, min_size=0.0, nms_iou=None, top_k=args.ss_top_k or 100_000)
+        ss_name = f"selective search, top {args.ss_top_k}" if args.ss_top_k else "selective search"
 
         def zs(backbone: ClipBackbone, props: Any) -> Any:
             return lambda **o: Grounder.load("zero-shot", backbone=backbone, proposals=props, **o)
 
         alpha = {"views": ("alpha",)}
         runs = [
-            ("GT boxes", zs(base, gt), [("crop+blur, plain CLIP", {})]),
-            ("GT boxes", zs(region, gt), [("alpha, region-aware CLIP", alpha),
-                                          ("alpha, region-aware CLIP, no resolver", {**alpha, "relations": False})]),
-            ("GT boxes", zs(region, gt), [("alpha with world-SAM masks, region-aware CLIP", {**alpha, "masks": "sam"})]),
-            ("GT boxes", zs(base, gt), [("FGVP: crop + blur outside the world-SAM mask, plain CLIP",
-                                         {"views": ("crop", "fgvp"), "masks": "sam"})]),
-            ("selective search", zs(base, ss), [("crop+blur, plain CLIP", {})]),
-            ("selective search", zs(region, ss), [("alpha, region-aware CLIP", alpha),
-                                                  ("alpha, region-aware CLIP, no resolver",
-                                                   {**alpha, "relations": False})]),
+            (records, "GT boxes", zs(base, gt), [("crop+blur, plain CLIP", {})]),
+            (records, "GT boxes", zs(region, gt), [("alpha, region-aware CLIP", alpha),
+                                                   ("alpha, region-aware CLIP, no resolver",
+                                                    {**alpha, "relations": False})]),
         ]
-        res["grounding"] = grounding(records, objects, runs)
+        if args.sam:
+            runs += [
+                (records, "GT boxes", zs(region, gt), [("alpha with world-SAM masks, region-aware CLIP",
+                                                        {**alpha, "masks": "sam"})]),
+                (records, "GT boxes", zs(base, gt), [("FGVP: crop + blur outside the world-SAM mask, plain CLIP",
+                                                      {"views": ("crop", "fgvp"), "masks": "sam"})]),
+            ]
+        runs += [
+            (ss_records, ss_name, zs(base, ss), [("crop+blur, plain CLIP", {})]),
+            (ss_records, ss_name, zs(region, ss), [("alpha, region-aware CLIP", alpha),
+                                                   ("alpha, region-aware CLIP, no resolver",
+                                                    {**alpha, "relations": False})]),
+        ]
+        res["grounding"] = grounding(objects, runs)
+        res["ss_records"] = len(ss_records)
     res["cost"] = cost(args.world, records, objects, backbones)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(args.out / "region_clip_results.json", res)

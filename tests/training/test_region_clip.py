@@ -114,6 +114,10 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(world: Path, tiny_cl
     for f in ("adapter/adapter_model.safetensors", "mask_channel.safetensors"):
         wa, wb = load_file(str(full / "backbone" / f)), load_file(str(resumed / "backbone" / f))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    from clipground.training import checkpoint as C
+
+    groups = C.read_checkpoint(C.find_latest_checkpoint(tmp_path / "a"), 0)["optimizer"]["optimizer"]["param_groups"]
+    assert sorted({g["initial_lr"] for g in groups}) == pytest.approx([3e-3 * 0.06, 3e-3])  # the mask conv's own rate
     trained = load_file(str(full / "backbone" / "mask_channel.safetensors"))
     assert any(float(v.abs().max()) > 0 for v in trained.values())  # the mask channel left zero
     losses = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
