@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--region", default=WORLD_REGION_CLIP, help="region-aware CLIP (bundled name or directory)")
     ap.add_argument("--base", default=WORLD_CLIP, help="the plain CLIP it was made from")
     ap.add_argument("--out", type=Path, default=Path("results/region-clip"))
+    ap.add_argument("--cache", type=Path, default=Path("runs/region-clip-results"),
+                    help="where the selective-search boxes are kept between runs")
     ap.add_argument("--limit", type=int, default=0, help="first N test expressions only (0: all)")
     ap.add_argument("--ss-limit", type=int, default=0, help="selective-search runs on the first N of those only (0: all)")
     ap.add_argument("--ss-top-k", type=int, default=0, help="keep the top K selective-search boxes (0: all)")
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/region_clip_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
     ensure_world(args.world, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.cache.mkdir(parents=True, exist_ok=True)
     records = read_jsonl(args.world / "test.jsonl")
     if args.limit:
         records = records[: args.limit]
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         from clipground.proposals.files import PrecomputedProposals
 
         ss_records = records[: args.ss_limit] if args.ss_limit else records
-        table = selective_search_table(ss_records, args.out / "selective_search_test.json")
+        table = selective_search_table(ss_records, args.cache / f"selective_search_test_{len(ss_records)}.json")
         ss = PrecomputedProposals.from_table(table, min_size=0.0, nms_iou=None, top_k=args.ss_top_k or 100_000)
         ss_name = f"selective search, top {args.ss_top_k}" if args.ss_top_k else "selective search"
 
