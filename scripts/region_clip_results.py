@@ -249,11 +249,11 @@ def pct(v: float) -> str:
 def markdown(res: dict[str, Any], command: str) -> str:
     lines = ["# Region-aware CLIP in the synthetic world", "", f"Produced by `{command}`.", "",
              f"World `{res['world']}`, split `test` ({res['records']} expressions); cluttered: scenes with >= {CLUTTER} "
-             f"objects ({res['retrieval'][next(iter(res['retrieval']))]['cluttered']['count']} expressions). "
-             f"Plain CLIP: `{res['base']}`; region-aware CLIP: `{res['region']}`.", "",
-             "## (a) Region retrieval (top-1 among the scene's objects, no relation rules)", "",
-             "| view | all | " + " | ".join(TYPES) + " | cluttered | " + " | ".join(f"cluttered {t}" for t in TYPES) + " |",
-             "|---|" + "---:|" * (2 + 2 * len(TYPES))]
+             f"objects. Plain CLIP: `{res['base']}`; region-aware CLIP: `{res['region']}`."]
+    if res["retrieval"]:
+        lines += ["", "## (a) Region retrieval (top-1 among the scene's objects, no relation rules)", "",
+                  "| view | all | " + " | ".join(TYPES) + " | cluttered | " + " | ".join(f"cluttered {t}" for t in TYPES)
+                  + " |", "|---|" + "---:|" * (2 + 2 * len(TYPES))]
     for lab, d in res["retrieval"].items():
         lines.append(f"| {lab} | {pct(d['all']['top1'])} | " + " | ".join(pct(d['all']['by_type'][t]) for t in TYPES)
                      + f" | {pct(d['cluttered']['top1'])} | "
@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ss-top-k", type=int, default=0, help="keep the top K selective-search boxes (0: all)")
     ap.add_argument("--sam", action="store_true", help="also the world-SAM mask runs (GT boxes)")
     ap.add_argument("--skip-grounding", action="store_true", help="retrieval and cost only")
+    ap.add_argument("--skip-retrieval", action="store_true", help="grounding and cost only")
     args = ap.parse_args(argv)
     command = "python scripts/region_clip_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
     ensure_world(args.world, progress=True)
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                            "region": args.region, "records": len(records)}
     t0 = time.perf_counter()
     res["shares"] = shares(region)
-    res["retrieval"] = region_retrieval(args.world, records, objects, backbones)
+    res["retrieval"] = {} if args.skip_retrieval else region_retrieval(args.world, records, objects, backbones)
     gt = f"gt:{args.world / 'instances_test.json'}"
     if not args.skip_grounding:
         from clipground.proposals.files import PrecomputedProposals
@@ -353,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     res["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(args.out / "region_clip_results.json", res)
     atomic_write(args.out / "region_clip_results.md", markdown(res, res["command"]))
-    figure(res["retrieval"], args.out / "region_retrieval.png")
+    if res["retrieval"]:
+        figure(res["retrieval"], args.out / "region_retrieval.png")
     print(markdown(res, res["command"]))
     return 0
 
