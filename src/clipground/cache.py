@@ -56,7 +56,7 @@ import torch
 from PIL import Image
 
 from .backbone import ClipBackbone
-from .backbone.features import (DenseView, dense_feature_key, dense_features, dense_geometry, patch_grid,
+from .backbone.features import (DenseView, RoiView, dense_feature_key, dense_features, dense_geometry, patch_grid,
                                 region_feature_key, region_features, text_features, too_long)
 from .backbone.views import check_view_kinds
 from .errors import ClipgroundError
@@ -106,8 +106,11 @@ class CacheSpec:
 
     Attributes:
         kind: ``regions`` (proposal views) or ``dense`` (patch tokens of the padded square).
-        views: ``regions``: proposal view kinds to embed (``crop``, ``blur``, ``circle``).
+        views: ``regions``: proposal view kinds to embed (``crop``, ``blur``, ``circle``, ``roi``);
+            empty: proposal boxes and the whole-image embedding only.
         patches: ``regions``: also store the whole image's patch embeddings ``(P, D)``.
+        roi_size, roi_dense: ``regions`` with a ``roi`` view: the
+            :class:`~clipground.backbone.features.RoiView` its box embeddings are pooled with.
         tiles, input_size, dense: ``dense``: the :class:`~clipground.backbone.features.DenseView`.
         prompt: template the expressions are put in before text encoding.
         noun_phrases: also cache the subject and object noun phrases of every expression
@@ -120,6 +123,8 @@ class CacheSpec:
     kind: str = "regions"
     views: tuple[str, ...] = ("crop", "blur")
     patches: bool = False
+    roi_size: int = 0
+    roi_dense: str = "value"
     tiles: int = 1
     input_size: int = 0
     dense: str = "final"
@@ -132,7 +137,8 @@ class CacheSpec:
         if self.kind not in KINDS:
             raise CacheError(f"cache kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         try:
-            self.views = check_view_kinds(self.views)
+            self.views = check_view_kinds(self.views, pooled=True) if self.views else ()
+            RoiView(self.roi_size, self.roi_dense)
             DenseView(self.tiles, self.input_size, self.dense)
         except ClipgroundError as e:
             raise CacheError(str(e)) from None
@@ -148,10 +154,15 @@ class CacheSpec:
     def view(self) -> DenseView:
         return DenseView(self.tiles, self.input_size, self.dense)
 
+    @property
+    def roi(self) -> RoiView:
+        return RoiView(self.roi_size, self.roi_dense)
+
     def feature_options(self) -> dict[str, Any]:
         """The options the features depend on (part of the fingerprint)."""
         if self.kind == "regions":
-            return {"kind": self.kind, "views": list(self.views), "patches": bool(self.patches)}
+            opts = {"kind": self.kind, "views": list(self.views), "patches": bool(self.patches)}
+            return opts | ({"roi": self.roi.to_dict()} if "roi" in self.views else {})
         return {"kind": self.kind, **self.view.to_dict()}
 
 
@@ -351,7 +362,7 @@ class FeatureCache:
         """The :meth:`~clipground.methods.GroundingMethod.feature_key` its image states carry."""
         spec = self.spec
         if spec.kind == "regions":
-            return region_feature_key(self.backbone_name, spec.views)
+            return region_feature_key(self.backbone_name, spec.views, spec.roi)
         return dense_feature_key(self.backbone_name, spec.view)
 
     def __len__(self) -> int:
@@ -501,7 +512,7 @@ class FeatureCache:
         for j, key in enumerate(keys):
             img = load_keyed_image(key)
             props = proposals(img, key)
-            f = region_features(backbone, img, props.boxes, spec.views, spec.patches)
+            f = region_features(backbone, img, props.boxes, spec.views, spec.patches, spec.roi)
             boxes.append(props.boxes.float())
             scores.append(props.scores.float())
             views_l.append(f["view_embeds"].transpose(0, 1))  # (K, V, D)
@@ -515,7 +526,7 @@ class FeatureCache:
             "boxes": torch.cat(boxes).reshape(-1, 4),
             "scores": torch.cat(scores).reshape(-1),
             "offsets": torch.tensor(offsets, dtype=torch.int64),
-            "views": torch.cat(views_l).reshape(-1, len(spec.views), backbone.embed_dim),
+            "views": torch.cat(views_l).reshape(offsets[-1], len(spec.views), backbone.embed_dim),
             "image_embeds": torch.stack(embeds),
             "sizes": torch.stack(sizes),
         }

@@ -87,7 +87,8 @@ def _predict(g: Grounder, image: str, phrases: list[str]):
 
 
 @pytest.mark.parametrize("method,extra", [(m, ()) for m in METHODS]
-                         + [("proposal-attention", ("model.resolver_prior=true",))])
+                         + [("proposal-attention", ("model.resolver_prior=true",)),
+                            ("proposal-classifier", ("model.views=roi,crop", "model.roi_dense=final"))])
 def test_trains_from_cache_and_round_trips(method, extra, data, tiny_clip_dir, tmp_path):
     out = tmp_path / "run"
     final = _train(method, data, tiny_clip_dir, out, extra=extra)
@@ -97,6 +98,10 @@ def test_trains_from_cache_and_round_trips(method, extra, data, tiny_clip_dir, t
     assert (final / "grounder.json").is_file()
     assert (final / "model.safetensors").is_file() == (method != "flyp")  # flyp has no head: CLIP is the model
     assert (final / "backbone").is_dir() == get_method_class(method).saves_backbone
+    # The fine-tuned scorers render views from pixels: their cache holds boxes and texts, no views.
+    spec = json.loads((out / "cache" / "train" / "index.json").read_text())["spec"]
+    assert spec["views"] == ([] if method in ("clip-finetune", "flyp") else json.loads((final / "grounder.json")
+                                                                                        .read_text())["config"]["views"])
 
     # Rebuild the trained model from the base backbone + the trainer's last checkpoint and
     # compare with what Grounder.from_pretrained(final) reads back.
@@ -198,16 +203,17 @@ def test_recall_ceiling_is_reported(data, tiny_clip_dir, tmp_path):
     assert item["labels"].sum() >= 1 and item["views"].shape[1:] == (2, cache.index["embed_dim"])
 
 
-def test_cached_and_live_features_agree(data, tiny_clip_dir, tmp_path):
+@pytest.mark.parametrize("spec", [CacheSpec(), CacheSpec(views=("roi", "crop"), roi_dense="final")])
+def test_cached_and_live_features_agree(spec, data, tiny_clip_dir, tmp_path):
     from clipground.data.jsonl import read_jsonl
     from clipground.training.recipes.scorers import FeatureDataset, LiveFeatures
 
     ann, props = data
     recs = read_jsonl(ann)[:6]
     bb = ClipBackbone.from_pretrained(tiny_clip_dir)
-    cache = FeatureCache.build(tmp_path / "c", recs, bb, get_proposals(f"file:{props}"), progress=False)
+    cache = FeatureCache.build(tmp_path / "c", recs, bb, get_proposals(f"file:{props}"), spec, progress=False)
     a = FeatureDataset(cache, recs, 0.5)
-    b = FeatureDataset(LiveFeatures(bb, cache.views, boxes_from=cache), recs, 0.5)
+    b = FeatureDataset(LiveFeatures(bb, cache.views, boxes_from=cache, roi=cache.spec.roi), recs, 0.5)
     for i in range(len(a)):
         x, y = a[i], b[i]
         for k in ("views", "geom", "image", "labels"):

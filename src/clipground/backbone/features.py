@@ -137,19 +137,27 @@ def view_embeddings(backbone: ClipBackbone, image: Image.Image, boxes: torch.Ten
 
 
 def region_features(backbone: ClipBackbone, image: Image.Image, boxes: torch.Tensor, views: Sequence[str],
-                    patches: bool = False) -> dict[str, torch.Tensor]:
+                    patches: bool = False, roi: RoiView = RoiView()) -> dict[str, torch.Tensor]:
     """CLIP features of one image and its proposals: ``view_embeds (V, K, D)``, ``image_embed (D,)``
     and, with ``patches``, ``patch_embeds (P, D)``.
 
-    The whole image and all views go through one :meth:`ClipBackbone.encode_images` call per
-    image, so the values do not depend on which other images are processed alongside (the
-    feature cache stores exactly these).
+    The whole image and all rendered views go through one :meth:`ClipBackbone.encode_images`
+    call per image, so the values do not depend on which other images are processed alongside
+    (the feature cache stores exactly these). A ``roi`` view is pooled from one more encoding of
+    the padded image (:func:`roi_embeddings`, options in ``roi``). ``views`` may be empty: only
+    the whole image is encoded (what the fine-tuned scorers read from a cache).
     """
     views = tuple(views)
+    rendered_kinds = tuple(v for v in views if v not in POOLED_VIEW_KINDS)
     k = int(len(boxes))
-    rendered = render_views(image, boxes, views) if k else {v: [] for v in views}
-    f = backbone.encode_images([image] + [im for v in views for im in rendered[v]])
-    out = {"image_embed": f.embeds[0], "view_embeds": f.embeds[1:].reshape(len(views), k, f.embeds.shape[-1])}
+    rendered = render_views(image, boxes, rendered_kinds) if k else {v: [] for v in rendered_kinds}
+    f = backbone.encode_images([image] + [im for v in rendered_kinds for im in rendered[v]])
+    d = f.embeds.shape[-1]
+    by_kind = dict(zip(rendered_kinds, f.embeds[1:].reshape(len(rendered_kinds), k, d)))
+    if "roi" in views:
+        by_kind["roi"] = roi_embeddings(backbone, [image], [boxes], roi)[0].to(f.embeds.dtype) if k else f.embeds.new_zeros(0, d)
+    out = {"image_embed": f.embeds[0],
+           "view_embeds": torch.stack([by_kind[v] for v in views]) if views else f.embeds.new_zeros(0, k, d)}
     if patches:
         out["patch_embeds"] = f.patch_embeds[0]
     return out
@@ -159,9 +167,12 @@ def _name(backbone: ClipBackbone | str) -> str:
     return backbone if isinstance(backbone, str) else backbone.name
 
 
-def region_feature_key(backbone: ClipBackbone | str, views: Sequence[str]) -> dict[str, Any]:
+def region_feature_key(backbone: ClipBackbone | str, views: Sequence[str], roi: RoiView = RoiView()) -> dict[str, Any]:
     """Identifies states holding :func:`region_features` (what a cached state is checked against)."""
-    return {"kind": "regions", "views": list(views), "backbone": _name(backbone)}
+    key: dict[str, Any] = {"kind": "regions", "views": list(views), "backbone": _name(backbone)}
+    if "roi" in views:
+        key["roi"] = roi.to_dict()
+    return key
 
 
 # --------------------------------------------------------------------------- dense features

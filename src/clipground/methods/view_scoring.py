@@ -19,19 +19,17 @@ from typing import Any
 
 import torch
 
-from ..backbone.features import RoiView, view_embeddings_batch
+from ..backbone.features import view_embeddings_batch
 from ..backbone.views import check_view_kinds
 from ..relations import score_expression
-from .base import GroundingMethod, ImageState, MethodConfig, Ranking
+from .base import GroundingMethod, ImageState, Ranking, RegionViewConfig
 
 
 @dataclass
-class ViewScorerConfig(MethodConfig):
-    """Options of a view scorer.
+class ViewScorerConfig(RegionViewConfig):
+    """Options of a view scorer (``views``, ``roi_size``, ``roi_dense``: see :class:`RegionViewConfig`).
 
     Attributes:
-        views: which views to ensemble (``crop``, ``blur``, ``circle``: rendered per box;
-            ``roi``: pooled from one whole-image encoding, see ``roi_size``/``roi_dense``).
         relations: resolve spatial words with geometry rules (ReCLIP-style).
         size_words: with ``relations``, read size adjectives ("the large blue square") as
             "the biggest blue square": a crop scored on its own has lost its size, and
@@ -39,17 +37,12 @@ class ViewScorerConfig(MethodConfig):
         temperature: similarity scale for the resolver's probabilities; ``None`` uses the
             checkpoint's learned CLIP logit scale.
         prompt: template the phrase is put in before text encoding.
-        roi_size: ``roi`` view: side the whole image is encoded at (0: the checkpoint's own).
-        roi_dense: ``roi`` view: pooled patch embeddings, ``value`` (MaskCLIP) or ``final``.
     """
 
-    views: tuple[str, ...] = ("crop", "blur")
     relations: bool = True
     size_words: bool = True
     temperature: float | None = None
     prompt: str = "{}"
-    roi_size: int = 0
-    roi_dense: str = "value"
 
 
 class ViewScorer(GroundingMethod):
@@ -60,7 +53,7 @@ class ViewScorer(GroundingMethod):
     def __init__(self, backbone: Any, config: ViewScorerConfig | None = None):
         super().__init__(backbone, config)
         check_view_kinds(self.config.views, pooled=True)
-        self.roi = RoiView(self.config.roi_size, self.config.roi_dense)
+        self.roi = self.config.roi
 
     def feature_key(self) -> dict[str, Any]:
         key = {"kind": "views", "views": list(self.config.views), "backbone": self.backbone.name}
