@@ -96,6 +96,9 @@ def test_trains_from_cache_and_round_trips(method, extra, data, tiny_clip_dir, t
     assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     assert (final / "grounder.json").is_file()
+    card = (final / "RECIPE.md").read_text()  # the command that re-creates it travels with it
+    assert f"clipground train --method {method} --train {data[0]}" in card and "| acc" not in card
+    assert (final / "learning_curve.png").is_file()
     assert (final / "model.safetensors").is_file() == (method != "flyp")  # flyp has no head: CLIP is the model
     assert (final / "backbone").is_dir() == get_method_class(method).saves_backbone
     # The fine-tuned scorers render views from pixels: their cache holds boxes and texts, no views.

@@ -512,7 +512,7 @@ def train(args: TrainArgs) -> Path:
         "val": result.last_eval,
         "config": to_dict(cfg),
     }
-    return save_final(Grounder(method, proposals_for(args.proposals, "test")), args.out, summary)
+    return save_final(Grounder(method, proposals_for(args.proposals, "test")), args.out, summary, args)
 
 
 __all__ = [
