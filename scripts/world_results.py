@@ -203,10 +203,17 @@ def source_hash() -> str:
     return _SOURCE_HASH
 
 
+def entry_dir(entry: Entry) -> Path:
+    """A trained entry's directory: a bundled name (``clipground/world-<method>``) is the shipped copy."""
+    from clipground.backbone.hub import bundled_grounder_dir
+
+    return bundled_grounder_dir(str(entry.dir)) or Path(str(entry.dir))
+
+
 def fingerprint(entry: Entry, split: str, world: Path, limit: int | None, backbone_override: str | None) -> str:
     """Everything an entry/split result depends on, hashed."""
     if entry.dir is not None:
-        d = Path(entry.dir)
+        d = entry_dir(entry)
         ckpt: Any = _dir_stamp(d)
         try:
             ckpt = [ckpt, _checkpoint_stamp(json.loads((d / "grounder.json").read_text())["backbone"])]
@@ -275,7 +282,7 @@ def find_curve(entry: Entry) -> Path | None:
     """A trained entry's learning-curve PNG (in its dir or the run dir above it)."""
     if entry.dir is None:
         return None
-    d = Path(entry.dir)
+    d = entry_dir(entry)
     for folder in (d, d.parent):
         for name in CURVE_NAMES:
             if (folder / name).is_file():
@@ -286,7 +293,7 @@ def find_curve(entry: Entry) -> Path | None:
 def run_entry(entry: Entry, splits: Sequence[str], world: Path, out: Path, build: _Builder, *, limit: int | None,
               evaluate_missing: bool, force: bool, progress: bool, console: Console, plots: bool = True) -> Outcome:
     """Evaluate (or reuse) one entry on every split; never raises a :class:`ClipgroundError`."""
-    if entry.dir is not None and not Path(entry.dir).is_dir():
+    if entry.dir is not None and not entry_dir(entry).is_dir():
         cmd = entry.train_command or f"clipground train ... --out {Path(entry.dir).parent}"
         return Outcome(entry, "not-trained", f"not trained yet: {cmd}")
     outcome = Outcome(entry, "ok", curve=find_curve(entry))
