@@ -390,6 +390,23 @@ class FeatureCache:
         return cls(root, idx)
 
     @classmethod
+    def open_for_boxes(cls, root: str | os.PathLike, records: Iterable[Any], backbone: ClipBackbone,
+                       proposals: Any) -> "FeatureCache | None":
+        """A complete ``regions`` cache in ``root`` of these records' images and texts, this backbone
+        and these proposals, whatever views it embeds (``None`` if there is none): what a reader of
+        boxes and texts only (the fine-tuned scorers) can reuse instead of building its own."""
+        idx = _read_index(Path(root))
+        if idx is None or not idx.get("complete") or idx.get("spec", {}).get("kind") != "regions":
+            return None
+        records = list(records)
+        images = sorted({str(r.image) for r in records})
+        spec = CacheSpec(**{**idx["spec"], "views": tuple(idx["spec"]["views"])})
+        texts_all = cache_texts([r.expression for r in records], spec.noun_phrases, spec.prompt)
+        _, comps, _ = fingerprint(images, texts_all, backbone, proposals, spec)
+        same = all(idx.get("components", {}).get(k) == comps[k] for k in ("backbone", "proposals", "data"))
+        return cls(Path(root), idx) if same else None
+
+    @classmethod
     def build(
         cls,
         root: str | os.PathLike,

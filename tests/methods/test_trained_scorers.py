@@ -313,3 +313,21 @@ def test_resolver_prior_is_the_zero_shot_answer_and_trains(data, tiny_clip_dir, 
     assert all(torch.isfinite(torch.tensor(_losses(out))))
     loaded = Grounder.from_pretrained(final, proposals=props)
     assert float(loaded.method.prior_weight) != 1.0  # initialised at 1, moved by training
+
+
+def test_fine_tuned_scorers_reuse_any_cache_of_the_same_boxes(data, tiny_clip_dir, tmp_path, capsys):
+    """clip-finetune / flyp read only boxes and texts: a frozen scorer's cache of the same images,
+    proposals and backbone serves them, whatever views it embeds; another proposal set does not."""
+    _train("proposal-classifier", data, tiny_clip_dir, tmp_path / "a", steps=2, cache=tmp_path / "c")
+    before = (tmp_path / "c" / "train" / "index.json").read_text()
+    capsys.readouterr()
+    _train("flyp", data, tiny_clip_dir, tmp_path / "b", steps=2, cache=tmp_path / "c")
+    assert "reusing the boxes and texts" in capsys.readouterr().out
+    assert (tmp_path / "c" / "train" / "index.json").read_text() == before
+    from clipground.data.jsonl import read_jsonl
+
+    recs = read_jsonl(data[0])
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)
+    assert FeatureCache.open_for_boxes(tmp_path / "c" / "train", recs, bb, get_proposals(f"file:{data[1]}")) is not None
+    assert FeatureCache.open_for_boxes(tmp_path / "c" / "train", recs, bb, get_proposals("selective-search")) is None
+    assert FeatureCache.open_for_boxes(tmp_path / "c" / "train", recs[:3], bb, get_proposals(f"file:{data[1]}")) is None

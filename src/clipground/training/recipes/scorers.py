@@ -434,9 +434,19 @@ def build_caches(args: TrainArgs, cfg: Any, backbone: ClipBackbone, train_record
     roi = getattr(cfg.model, "roi", RoiView())
     spec = CacheSpec(views=views, patches=cfg.cache.patches, roi_size=roi.size, roi_dense=roi.dense,
                      shard_size=cfg.cache.shard_size)
-    caches = build_split_caches(args, cfg, backbone, spec, {"train": train_records, "val": val_records or []},
+    splits = {"train": train_records, "val": val_records or []}
+    reused: dict[str, FeatureCache] = {}
+    if args.method in PIXEL_METHODS:  # any complete cache of the same boxes and texts serves them
+        for split, recs in splits.items():
+            found = FeatureCache.open_for_boxes(args.cache_root / split, recs, backbone, proposals_for(args.proposals, split)) \
+                if recs else None
+            if found is not None:
+                print(f"feature cache ({split}): reusing the boxes and texts of {found.root}", flush=True)
+                reused[split] = found
+    caches = build_split_caches(args, cfg, backbone, spec, {k: v for k, v in splits.items() if k not in reused},
                                 lambda split: proposals_for(args.proposals, split))
-    return caches["train"], caches["val"]
+    caches.update(reused)
+    return caches["train"], caches.get("val")
 
 
 def scorer_validation(method: Any, val_cache: FeatureCache, val_records: Sequence[GroundingRecord]) -> Callable:
