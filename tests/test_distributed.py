@@ -112,6 +112,24 @@ def test_engine_ray_without_ray_is_one_clear_error(tiny_clip_dir, tmp_path, monk
         assert_one_error_line(code, err, RAY_MISSING)
 
 
+def test_what_the_cli_ships_to_each_actor(tiny_clip_dir):
+    """The loaders the CLI hands the actors pickle, and build the driver's grounder / backbone."""
+    import pickle
+
+    from clipground.backbone import ClipBackbone
+    from clipground.cli.cache import worker_models
+    from clipground.cli.common import grounder_loader
+    from clipground.proposals import get_proposals
+
+    load = pickle.loads(pickle.dumps(grounder_loader(RayEngine(), "zero-shot", str(tiny_clip_dir),
+                                                     "selective-search", ["views=crop"], "torch")))
+    g = load()
+    assert g.method.config.views == ("crop",) and str(g.backbone.device) == "cpu"
+    assert load.args[-1] == "cpu" and grounder_loader(RayEngine(gpus=1), "m", "b", "p", None).args[-1] == "cuda"
+    bb, props = worker_models(str(tiny_clip_dir), get_proposals("selective-search", top_k=3))
+    assert isinstance(bb, ClipBackbone) and props.top_k == 3
+
+
 # --------------------------------------------------------------------------- on Ray
 
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,7 +180,6 @@ def ray_session(engine: RayEngine) -> Iterator[Any]:
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the C++ core's notices, e.g. about actor restarts
         kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False,
                               "configure_logging": True}
         try:
@@ -251,9 +251,15 @@ def map_shards(engine: RayEngine, load: Callable[[], Any], work: Callable[[Any, 
     with ray_session(engine) as ray:
         n, cpus, gpus = _pool(ray, engine, len(todo))
         ref = ray.put((load, work, list(shards)))
-        ds = ray.data.from_items([{"shard": i} for i in todo])
-        ds = ds.map_batches(_ShardWorker, fn_constructor_args=([ref],), batch_size=1, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=n), num_cpus=cpus, num_gpus=gpus or None)
+        items = ray.data.from_items([{"shard": i} for i in todo])
+        kw = dict(fn_constructor_args=([ref],), batch_size=1, batch_format="numpy",
+                  compute=ray.data.ActorPoolStrategy(size=n), num_cpus=cpus, num_gpus=gpus or None)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            try:  # not restarted: a lost actor fails the run, which then resumes at its shards
+                ds = items.map_batches(_ShardWorker, max_restarts=0, **kw)
+            except TypeError:  # a Ray that takes no remote arguments here any more
+                ds = items.map_batches(_ShardWorker, **kw)
         try:
             for row in ds.iter_rows():
                 on_result(int(row["shard"]), bytes(row["result"]))
