@@ -368,7 +368,7 @@ class Suite:
         self.facts["ray_overhead_s"] = round(t_ray - t_seq, 1)
         self.add(name, "2 Ray workers (local cluster; start-up, model loads included)", "sequential loop",
                  t_ray / n, t_seq / n, note=f"same answers: {'yes' if same else 'NO'}; "
-                                             f"overhead {t_ray - t_seq:+.1f} s on {n} images")
+                                             f"wall time {t_ray - t_seq:+.1f} s vs 1 process on {n} images")
 
     def cache_training(self) -> None:
         data = self.tmp / "cache_data"
@@ -437,9 +437,10 @@ def markdown(suite: Suite, command: str, elapsed: float) -> str:
         lines.append("Peak RSS of one `clipground predict` (subprocess): "
                      + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in rss.items()) + " (target < 1.5 GB).")
     if "ray_overhead_s" in suite.facts:
-        lines.append(f"2 Ray workers vs 1 process on the same evaluation: {suite.facts['ray_overhead_s']:+.1f} s "
-                     f"(starting a local Ray cluster and 2 actors that each load the model, then half the images "
-                     f"each); same boxes: {'yes' if suite.facts['ray_eval_same_answers'] else 'NO'}.")
+        lines.append(f"2 Ray workers vs 1 process on the same evaluation: {suite.facts['ray_overhead_s']:+.1f} s of "
+                     f"wall time (starting a local Ray cluster and 2 actors that each load the model, then half the "
+                     f"images each, against one process with the threads above); same boxes: "
+                     f"{'yes' if suite.facts['ray_eval_same_answers'] else 'NO'}.")
     if "batched_eval_same_answers" in suite.facts:
         lines.append(f"Batched eval gives the same boxes as the sequential loop: "
                      f"{'yes' if suite.facts['batched_eval_same_answers'] else 'NO'}.")
