@@ -417,6 +417,8 @@ class FeatureCache:
         rebuild: bool = False,
         progress: bool = True,
         callback: Callable[[str, int, int], None] | None = None,
+        engine: Any = None,
+        loader: Callable[[], Any] | None = None,
     ) -> "FeatureCache":
         """Build, resume or reuse the cache of ``records`` in ``root``.
 
@@ -434,6 +436,11 @@ class FeatureCache:
             callback: ``callback(kind, done, total)`` after each image (``kind="images"``)
                 and each text shard (``"texts"``); an exception raised there aborts the build
                 (the finished shards stay; tests use it to simulate a kill).
+            engine: a :class:`clipground.distributed.RayEngine`: image shards are computed on Ray
+                actors (by :meth:`image_shard`, as here) and written here as they arrive; the
+                files equal a single-process build's.
+            loader: with ``engine``, what each actor calls once for its ``(backbone, proposals)``
+                (default: these two, shipped to the actors).
         """
         spec = spec or CacheSpec()
         root = Path(root)
@@ -457,6 +464,7 @@ class FeatureCache:
         for p in root.glob(TMP_PREFIX + "*"):  # half-written files of a killed build
             p.unlink(missing_ok=True)
         if idx is None:
+            cls._wipe(root)  # shard files without an index: of unknown inputs, never adopted
             long = too_long(backbone, texts_all)
             grid = patch_grid(backbone, spec.view) if spec.kind == "dense" else None
             idx = {
@@ -478,7 +486,10 @@ class FeatureCache:
             }
             _write_index(root, idx)
         builder = cls(root, idx)
-        builder._build_images(backbone, proposals, progress, callback)
+        if engine is None:
+            builder._build_images(backbone, proposals, progress, callback)
+        else:
+            builder._build_images_ray(engine, loader, backbone, proposals, progress, callback)
         builder._build_texts(backbone, callback)
         idx["complete"] = True
         _write_index(root, idx)
@@ -490,12 +501,80 @@ class FeatureCache:
             p.unlink(missing_ok=True)
         (root / INDEX_FILE).unlink(missing_ok=True)
 
-    def _commit_shard(self, what: str, tensors: dict[str, torch.Tensor], start: int, count: int) -> None:
+    def _commit_shard(self, what: str, tensors: dict[str, torch.Tensor] | None, start: int, count: int) -> None:
+        """Write shard ``len(shards)`` (``tensors=None``: it is already on disk) and list it in the index."""
         shards = self.index[f"{what}_shards"]
         name = f"{what}s-{len(shards):05d}.safetensors"
-        save_safetensors(self.root / name, tensors)
+        if tensors is not None:
+            save_safetensors(self.root / name, tensors)
         shards.append({"file": name, "start": start, "count": count})
         _write_index(self.root, self.index)
+
+    def _written_shard(self, n: int, count: int) -> bool:
+        """Whether image shard ``n`` is on disk, whole, though not yet in the index (a Ray build
+        writes shards as they finish, in any order; the index lists them in order)."""
+        from safetensors import safe_open
+
+        path = self.root / f"images-{n:05d}.safetensors"
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return int(f.get_slice("sizes").get_shape()[0]) == count
+        except Exception:  # noqa: BLE001 - unreadable: compute it again
+            return False
+
+    @staticmethod
+    def image_shard(backbone: ClipBackbone, proposals: Any, keys: Sequence[str], spec: CacheSpec,
+                    tick: Callable[[int], None] = lambda j: None) -> dict[str, torch.Tensor]:
+        """The tensors of one image shard (the same function for a local and a Ray build)."""
+        if spec.kind == "regions":
+            return FeatureCache._region_shard(backbone, proposals, keys, spec, tick)
+        return FeatureCache._dense_shard(backbone, keys, spec, tick)
+
+    def _build_images_ray(self, engine: Any, loader: Callable[[], Any] | None, backbone: ClipBackbone,
+                          proposals: Any, progress: bool, callback: Callable[[str, int, int], None] | None) -> None:
+        """:meth:`_build_images` with the shards computed on Ray actors; each is written as it
+        arrives and listed in the index once every shard before it is, so a kill loses none."""
+        from functools import partial
+
+        from tqdm.auto import tqdm
+
+        from .distributed import map_shards, same
+
+        idx, spec = self.index, self.spec
+        images = idx["images"]
+        size = int(idx["spec"]["shard_size"])
+        bounds = [(a, min(a + size, len(images))) for a in range(0, len(images), size)]
+        first = len(idx["image_shards"])
+        todo = [n for n in range(first, len(bounds)) if not self._written_shard(n, bounds[n][1] - bounds[n][0])]
+        bar = tqdm(total=len(images), initial=first * size, desc="cache images", unit="img", disable=not progress,
+                   dynamic_ncols=True)
+
+        def commit_ready() -> None:
+            while len(idx["image_shards"]) < len(bounds):
+                n = len(idx["image_shards"])
+                a, b = bounds[n]
+                if n in todo_left or not self._written_shard(n, b - a):
+                    return
+                self._commit_shard("image", None, a, b - a)
+                bar.update(b - a)
+                if callback is not None:
+                    callback("images", b, len(images))
+
+        def got(n: int, data: bytes) -> None:
+            from safetensors.torch import load as load_tensors
+
+            save_safetensors(self.root / f"images-{n:05d}.safetensors", load_tensors(data))
+            todo_left.discard(n)
+            commit_ready()
+
+        todo_left = set(todo)
+        commit_ready()
+        shards = [(images[a:b], spec) for a, b in bounds]
+        map_shards(engine, loader or partial(same, (backbone, proposals)), _ray_image_shard, shards, todo, got)
+        commit_ready()
+        bar.close()
 
     def _build_images(self, backbone: ClipBackbone, proposals: Any, progress: bool,
                       callback: Callable[[str, int, int], None] | None) -> None:
@@ -515,11 +594,13 @@ class FeatureCache:
                 if callback is not None:
                     callback("images", s0 + j + 1, len(images))
 
-            if spec.kind == "regions":
-                tensors = self._region_shard(backbone, proposals, chunk, spec, tick)
-            else:
-                tensors = self._dense_shard(backbone, chunk, spec, tick)
-            self._commit_shard("image", tensors, s0, len(chunk))
+            n = s0 // size
+            if self._written_shard(n, len(chunk)):  # written by a killed run before its index was
+                for j in range(len(chunk)):
+                    tick(j)
+                self._commit_shard("image", None, s0, len(chunk))
+                continue
+            self._commit_shard("image", self.image_shard(backbone, proposals, chunk, spec, tick), s0, len(chunk))
         bar.close()
 
     @staticmethod
@@ -755,6 +836,16 @@ class FeatureCache:
             "proposals": self.index["inputs"]["proposals"].get("name"),
             "bytes": sum(p.stat().st_size for p in self.root.glob("*.safetensors")),
         }
+
+
+def _ray_image_shard(loaded: tuple[ClipBackbone, Any], shard: tuple[Sequence[str], CacheSpec]) -> bytes:
+    """A Ray worker's job: :meth:`FeatureCache.image_shard` as safetensors bytes."""
+    from safetensors.torch import save
+
+    backbone, proposals = loaded
+    keys, spec = shard
+    tensors = FeatureCache.image_shard(backbone, proposals, keys, spec)
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
 
 
 class CachedProposals(ProposalSource):

@@ -27,7 +27,7 @@ from PIL import Image
 from ..errors import ConfigError
 from .clip import DENSE_EMBEDS, ClipBackbone, TextFeatures
 from .geometry import InputGeometry, clip_square_input, crop_fraction, square_geometry
-from .views import POOLED_VIEW_KINDS, render_views
+from .views import POOLED_VIEW_KINDS, iter_views, render_views
 
 # --------------------------------------------------------------------------- region features
 
@@ -107,11 +107,9 @@ def view_embeddings_batch(backbone: ClipBackbone, images: Sequence[Image.Image],
     views = tuple(views)
     rendered_kinds = tuple(v for v in views if v not in POOLED_VIEW_KINDS)
     d = backbone.embed_dim
-    imgs: list[Image.Image] = []
-    for im, b in zip(images, boxes):
-        r = render_views(im, b, rendered_kinds) if len(b) else {}
-        imgs += [x for k in rendered_kinds for x in r.get(k, [])]
-    emb = backbone.encode_images(imgs).embeds if imgs else torch.zeros(0, d)
+    # Views are rendered as the encoder takes them: one batch of images is held at a time.
+    stream = (v for im, b in zip(images, boxes) if len(b) for v in iter_views(im, b, rendered_kinds))
+    emb = backbone.encode_image_embeds(stream) if rendered_kinds else torch.zeros(0, d)
     pooled = roi_embeddings(backbone, images, boxes, roi) if "roi" in views else None
     out, at = [], 0
     for i, b in enumerate(boxes):
