@@ -18,7 +18,8 @@ Figures:
 * N = 1, 5, 25, 100 phrases on one image vs the per-label-rerun pattern (``set_image`` +
   ``predict`` per phrase; beyond a few reruns the rerun time is extrapolated, as marked);
 * ``evaluate`` throughput: today's loop vs decoding/proposals in workers + views batched across
-  images, with the same configuration (answers compared) and with the fastest one;
+  images, with the same configuration (answers compared), vs 2 Ray workers of a local cluster
+  (``--engine ray``; start-up included: its overhead) and with the fastest configuration;
 * training from the feature cache vs live features (``bench_cache_training.py``, tiny CLIP);
 * peak RSS of one ``clipground predict`` in a subprocess (eager, and onnxruntime int8).
 
@@ -126,6 +127,29 @@ def fixed_boxes(w: int, h: int, k: int = K, seed: int = 0) -> list[list[float]]:
         x, y = rs.uniform(0, w - bw), rs.uniform(0, h - bh)
         out.append([round(x, 1), round(y, 1), round(x + bw, 1), round(y + bh, 1)])
     return out
+
+
+#: Runs the clipground CLI (``sys.argv[2:]``) and writes its own peak RSS (``VmHWM``, bytes) to ``sys.argv[1]``.
+_RSS_PROBE = """
+import atexit, sys
+out = sys.argv.pop(1)
+
+
+def _hwm():
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    except OSError:
+        return
+    with open(out, "w") as f:
+        f.write(str(kb * 1024))
+
+
+atexit.register(_hwm)
+sys.argv[0] = "clipground"
+from clipground.cli.main import main
+main()
+"""
 
 
 class Suite:
@@ -317,6 +341,7 @@ class Suite:
         name = f"eval, {n_images} images"
         self.add(name, "workers=2, image_batch=4, same config", "sequential loop", t_bat / n_images,
                  t_seq / n_images, note=f"same answers: {'yes' if same else 'NO'}")
+        self.eval_on_ray(recs, ss, seq, t_seq, name)
         fast_g = self.grounder(self.ort8, proposals=ss, views=("roi",))
         evaluate(fast_g, recs[:2], progress=False, examples=0)
         t0 = time.perf_counter()
@@ -324,6 +349,31 @@ class Suite:
         t_fast = time.perf_counter() - t0
         self.add(name, "workers=2, image_batch=4, roi + onnxruntime int8", "sequential loop", t_fast / n_images,
                  t_seq / n_images, target=3.0, note="per image")
+
+    def eval_on_ray(self, recs: list[GroundingRecord], ss: Any, seq: Any, t_seq: float, name: str) -> None:
+        """The same evaluation on 2 Ray workers of a local cluster started for it (start-up included)."""
+        from functools import partial
+
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("  (Ray not installed: no Ray row; pip install 'clipground[ray]')", flush=True)
+            return
+        from clipground.distributed import RayEngine
+
+        n = len({r.image for r in recs})
+        load = partial(Grounder.load, "zero-shot", backbone=str(self.ckpt), proposals=ss)
+        self.eager.clear_text_cache()
+        t0 = time.perf_counter()
+        res = evaluate(self.grounder(self.eager, proposals=ss), recs, progress=False, examples=0,
+                       engine=RayEngine(workers=2, num_cpus=2), loader=load, shard_size=max(1, -(-n // 2)))
+        t_ray = time.perf_counter() - t0
+        same = [item_to_json(a)["box"] for a in seq.items] == [item_to_json(b)["box"] for b in res.items]
+        self.facts["ray_eval_same_answers"] = same
+        self.facts["ray_overhead_s"] = round(t_ray - t_seq, 1)
+        self.add(name, "2 Ray workers (local cluster; start-up, model loads included)", "sequential loop",
+                 t_ray / n, t_seq / n, note=f"same answers: {'yes' if same else 'NO'}; "
+                                             f"wall time {t_ray - t_seq:+.1f} s vs 1 process on {n} images")
 
     def cache_training(self) -> None:
         data = self.tmp / "cache_data"
@@ -335,10 +385,18 @@ class Suite:
                  r["live_epoch_s"])
 
     def peak_rss(self) -> None:
+        """Peak RSS of one ``clipground predict`` in a fresh process.
+
+        Read from the child's own ``VmHWM`` at exit: a child's ``ru_maxrss`` starts at its
+        parent's RSS at fork time (Linux carries the old high-water mark over ``exec``), and
+        this process holds a B/32 and its ONNX sessions.
+        """
         runs = [("eager", str(self.ckpt), []), ("onnxruntime int8", str(self.int8_dir), ["--runtime", "onnx"])]
         out = {}
         for label, bb, extra in runs:
-            cmd = [sys.executable, "-m", "clipground.cli.main", "predict", str(self.image_path), "the red cup",
+            hwm = self.tmp / "hwm.txt"
+            hwm.unlink(missing_ok=True)
+            cmd = [sys.executable, "-c", _RSS_PROBE, str(hwm), "predict", str(self.image_path), "the red cup",
                    "-b", bb, "--json", str(self.tmp / "rss.json"), *extra]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
             p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -346,7 +404,10 @@ class Suite:
             err = p.stderr.read().decode(errors="replace") if p.stderr else ""
             if status != 0:
                 raise RuntimeError(f"predict failed ({status}): {err[-500:]}")
-            rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            if hwm.is_file():
+                rss = int(hwm.read_text())
+            else:  # no /proc (macOS): ru_maxrss, an upper bound
+                rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
             out[label] = rss
             print(f"  peak RSS, one predict ({label}): {rss / 2**20:.0f} MiB", flush=True)
         self.facts["peak_rss_bytes"] = out
@@ -380,6 +441,11 @@ def markdown(suite: Suite, command: str, elapsed: float) -> str:
     if rss:
         lines.append("Peak RSS of one `clipground predict` (subprocess): "
                      + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in rss.items()) + " (target < 1.5 GB).")
+    if "ray_overhead_s" in suite.facts:
+        lines.append(f"2 Ray workers vs 1 process on the same evaluation: {suite.facts['ray_overhead_s']:+.1f} s of "
+                     f"wall time (starting a local Ray cluster and 2 actors that each load the model, then half the "
+                     f"images each, against one process with the threads above); same boxes: "
+                     f"{'yes' if suite.facts['ray_eval_same_answers'] else 'NO'}.")
     if "batched_eval_same_answers" in suite.facts:
         lines.append(f"Batched eval gives the same boxes as the sequential loop: "
                      f"{'yes' if suite.facts['batched_eval_same_answers'] else 'NO'}.")

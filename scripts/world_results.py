@@ -204,7 +204,7 @@ def source_hash() -> str:
 
 
 def entry_dir(entry: Entry) -> Path:
-    """A ``dir`` entry's folder: a bundled trained grounder's (``clipground/world-<method>``) or the path."""
+    """A trained entry's directory: a bundled name (``clipground/world-<method>``) is the shipped copy."""
     from clipground.backbone.hub import bundled_grounder_dir
 
     return bundled_grounder_dir(str(entry.dir)) or Path(str(entry.dir))

@@ -56,7 +56,7 @@ import torch
 from PIL import Image
 
 from .backbone import ClipBackbone
-from .backbone.features import (DenseView, dense_feature_key, dense_features, dense_geometry, patch_grid,
+from .backbone.features import (DenseView, RoiView, dense_feature_key, dense_features, dense_geometry, patch_grid,
                                 region_feature_key, region_features, text_features, too_long)
 from .backbone.views import check_view_kinds
 from .errors import ClipgroundError
@@ -106,9 +106,11 @@ class CacheSpec:
 
     Attributes:
         kind: ``regions`` (proposal views) or ``dense`` (patch tokens of the padded square).
-        views: ``regions``: proposal view kinds to embed (``crop``, ``blur``, ``circle``; ``alpha``
-            with a region-aware backbone, box masks).
+        views: ``regions``: proposal view kinds to embed (``crop``, ``blur``, ``circle``, ``roi``; ``alpha``
+            with a region-aware backbone, box masks); empty: proposal boxes and the whole-image embedding only.
         patches: ``regions``: also store the whole image's patch embeddings ``(P, D)``.
+        roi_size, roi_dense: ``regions`` with a ``roi`` view: the
+            :class:`~clipground.backbone.features.RoiView` its box embeddings are pooled with.
         tiles, input_size, dense: ``dense``: the :class:`~clipground.backbone.features.DenseView`.
         prompt: template the expressions are put in before text encoding.
         noun_phrases: also cache the subject and object noun phrases of every expression
@@ -121,6 +123,8 @@ class CacheSpec:
     kind: str = "regions"
     views: tuple[str, ...] = ("crop", "blur")
     patches: bool = False
+    roi_size: int = 0
+    roi_dense: str = "value"
     tiles: int = 1
     input_size: int = 0
     dense: str = "final"
@@ -133,7 +137,8 @@ class CacheSpec:
         if self.kind not in KINDS:
             raise CacheError(f"cache kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         try:
-            self.views = check_view_kinds(self.views, masked=("alpha",))
+            self.views = check_view_kinds(self.views, pooled=True, masked=("alpha",)) if self.views else ()
+            RoiView(self.roi_size, self.roi_dense)
             DenseView(self.tiles, self.input_size, self.dense)
         except ClipgroundError as e:
             raise CacheError(str(e)) from None
@@ -149,10 +154,15 @@ class CacheSpec:
     def view(self) -> DenseView:
         return DenseView(self.tiles, self.input_size, self.dense)
 
+    @property
+    def roi(self) -> RoiView:
+        return RoiView(self.roi_size, self.roi_dense)
+
     def feature_options(self) -> dict[str, Any]:
         """The options the features depend on (part of the fingerprint)."""
         if self.kind == "regions":
-            return {"kind": self.kind, "views": list(self.views), "patches": bool(self.patches)}
+            opts = {"kind": self.kind, "views": list(self.views), "patches": bool(self.patches)}
+            return opts | ({"roi": self.roi.to_dict()} if "roi" in self.views else {})
         return {"kind": self.kind, **self.view.to_dict()}
 
 
@@ -352,7 +362,7 @@ class FeatureCache:
         """The :meth:`~clipground.methods.GroundingMethod.feature_key` its image states carry."""
         spec = self.spec
         if spec.kind == "regions":
-            return region_feature_key(self.backbone_name, spec.views)
+            return region_feature_key(self.backbone_name, spec.views, spec.roi)
         return dense_feature_key(self.backbone_name, spec.view)
 
     def __len__(self) -> int:
@@ -380,6 +390,23 @@ class FeatureCache:
         return cls(root, idx)
 
     @classmethod
+    def open_for_boxes(cls, root: str | os.PathLike, records: Iterable[Any], backbone: ClipBackbone,
+                       proposals: Any) -> "FeatureCache | None":
+        """A complete ``regions`` cache in ``root`` of these records' images and texts, this backbone
+        and these proposals, whatever views it embeds (``None`` if there is none): what a reader of
+        boxes and texts only (the fine-tuned scorers) can reuse instead of building its own."""
+        idx = _read_index(Path(root))
+        if idx is None or not idx.get("complete") or idx.get("spec", {}).get("kind") != "regions":
+            return None
+        records = list(records)
+        images = sorted({str(r.image) for r in records})
+        spec = CacheSpec(**{**idx["spec"], "views": tuple(idx["spec"]["views"])})
+        texts_all = cache_texts([r.expression for r in records], spec.noun_phrases, spec.prompt)
+        _, comps, _ = fingerprint(images, texts_all, backbone, proposals, spec)
+        same = all(idx.get("components", {}).get(k) == comps[k] for k in ("backbone", "proposals", "data"))
+        return cls(Path(root), idx) if same else None
+
+    @classmethod
     def build(
         cls,
         root: str | os.PathLike,
@@ -390,6 +417,8 @@ class FeatureCache:
         rebuild: bool = False,
         progress: bool = True,
         callback: Callable[[str, int, int], None] | None = None,
+        engine: Any = None,
+        loader: Callable[[], Any] | None = None,
     ) -> "FeatureCache":
         """Build, resume or reuse the cache of ``records`` in ``root``.
 
@@ -407,6 +436,11 @@ class FeatureCache:
             callback: ``callback(kind, done, total)`` after each image (``kind="images"``)
                 and each text shard (``"texts"``); an exception raised there aborts the build
                 (the finished shards stay; tests use it to simulate a kill).
+            engine: a :class:`clipground.distributed.RayEngine`: image shards are computed on Ray
+                actors (by :meth:`image_shard`, as here) and written here as they arrive; the
+                files equal a single-process build's.
+            loader: with ``engine``, what each actor calls once for its ``(backbone, proposals)``
+                (default: these two, shipped to the actors).
         """
         spec = spec or CacheSpec()
         root = Path(root)
@@ -430,6 +464,7 @@ class FeatureCache:
         for p in root.glob(TMP_PREFIX + "*"):  # half-written files of a killed build
             p.unlink(missing_ok=True)
         if idx is None:
+            cls._wipe(root)  # shard files without an index: of unknown inputs, never adopted
             long = too_long(backbone, texts_all)
             grid = patch_grid(backbone, spec.view) if spec.kind == "dense" else None
             idx = {
@@ -451,7 +486,10 @@ class FeatureCache:
             }
             _write_index(root, idx)
         builder = cls(root, idx)
-        builder._build_images(backbone, proposals, progress, callback)
+        if engine is None:
+            builder._build_images(backbone, proposals, progress, callback)
+        else:
+            builder._build_images_ray(engine, loader, backbone, proposals, progress, callback)
         builder._build_texts(backbone, callback)
         idx["complete"] = True
         _write_index(root, idx)
@@ -463,12 +501,80 @@ class FeatureCache:
             p.unlink(missing_ok=True)
         (root / INDEX_FILE).unlink(missing_ok=True)
 
-    def _commit_shard(self, what: str, tensors: dict[str, torch.Tensor], start: int, count: int) -> None:
+    def _commit_shard(self, what: str, tensors: dict[str, torch.Tensor] | None, start: int, count: int) -> None:
+        """Write shard ``len(shards)`` (``tensors=None``: it is already on disk) and list it in the index."""
         shards = self.index[f"{what}_shards"]
         name = f"{what}s-{len(shards):05d}.safetensors"
-        save_safetensors(self.root / name, tensors)
+        if tensors is not None:
+            save_safetensors(self.root / name, tensors)
         shards.append({"file": name, "start": start, "count": count})
         _write_index(self.root, self.index)
+
+    def _written_shard(self, n: int, count: int) -> bool:
+        """Whether image shard ``n`` is on disk, whole, though not yet in the index (a Ray build
+        writes shards as they finish, in any order; the index lists them in order)."""
+        from safetensors import safe_open
+
+        path = self.root / f"images-{n:05d}.safetensors"
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return int(f.get_slice("sizes").get_shape()[0]) == count
+        except Exception:  # noqa: BLE001 - unreadable: compute it again
+            return False
+
+    @staticmethod
+    def image_shard(backbone: ClipBackbone, proposals: Any, keys: Sequence[str], spec: CacheSpec,
+                    tick: Callable[[int], None] = lambda j: None) -> dict[str, torch.Tensor]:
+        """The tensors of one image shard (the same function for a local and a Ray build)."""
+        if spec.kind == "regions":
+            return FeatureCache._region_shard(backbone, proposals, keys, spec, tick)
+        return FeatureCache._dense_shard(backbone, keys, spec, tick)
+
+    def _build_images_ray(self, engine: Any, loader: Callable[[], Any] | None, backbone: ClipBackbone,
+                          proposals: Any, progress: bool, callback: Callable[[str, int, int], None] | None) -> None:
+        """:meth:`_build_images` with the shards computed on Ray actors; each is written as it
+        arrives and listed in the index once every shard before it is, so a kill loses none."""
+        from functools import partial
+
+        from tqdm.auto import tqdm
+
+        from .distributed import map_shards, same
+
+        idx, spec = self.index, self.spec
+        images = idx["images"]
+        size = int(idx["spec"]["shard_size"])
+        bounds = [(a, min(a + size, len(images))) for a in range(0, len(images), size)]
+        first = len(idx["image_shards"])
+        todo = [n for n in range(first, len(bounds)) if not self._written_shard(n, bounds[n][1] - bounds[n][0])]
+        bar = tqdm(total=len(images), initial=first * size, desc="cache images", unit="img", disable=not progress,
+                   dynamic_ncols=True)
+
+        def commit_ready() -> None:
+            while len(idx["image_shards"]) < len(bounds):
+                n = len(idx["image_shards"])
+                a, b = bounds[n]
+                if n in todo_left or not self._written_shard(n, b - a):
+                    return
+                self._commit_shard("image", None, a, b - a)
+                bar.update(b - a)
+                if callback is not None:
+                    callback("images", b, len(images))
+
+        def got(n: int, data: bytes) -> None:
+            from safetensors.torch import load as load_tensors
+
+            save_safetensors(self.root / f"images-{n:05d}.safetensors", load_tensors(data))
+            todo_left.discard(n)
+            commit_ready()
+
+        todo_left = set(todo)
+        commit_ready()
+        shards = [(images[a:b], spec) for a, b in bounds]
+        map_shards(engine, loader or partial(same, (backbone, proposals)), _ray_image_shard, shards, todo, got)
+        commit_ready()
+        bar.close()
 
     def _build_images(self, backbone: ClipBackbone, proposals: Any, progress: bool,
                       callback: Callable[[str, int, int], None] | None) -> None:
@@ -488,11 +594,13 @@ class FeatureCache:
                 if callback is not None:
                     callback("images", s0 + j + 1, len(images))
 
-            if spec.kind == "regions":
-                tensors = self._region_shard(backbone, proposals, chunk, spec, tick)
-            else:
-                tensors = self._dense_shard(backbone, chunk, spec, tick)
-            self._commit_shard("image", tensors, s0, len(chunk))
+            n = s0 // size
+            if self._written_shard(n, len(chunk)):  # written by a killed run before its index was
+                for j in range(len(chunk)):
+                    tick(j)
+                self._commit_shard("image", None, s0, len(chunk))
+                continue
+            self._commit_shard("image", self.image_shard(backbone, proposals, chunk, spec, tick), s0, len(chunk))
         bar.close()
 
     @staticmethod
@@ -502,7 +610,7 @@ class FeatureCache:
         for j, key in enumerate(keys):
             img = load_keyed_image(key)
             props = proposals(img, key)
-            f = region_features(backbone, img, props.boxes, spec.views, spec.patches)
+            f = region_features(backbone, img, props.boxes, spec.views, spec.patches, spec.roi)
             boxes.append(props.boxes.float())
             scores.append(props.scores.float())
             views_l.append(f["view_embeds"].transpose(0, 1))  # (K, V, D)
@@ -516,7 +624,7 @@ class FeatureCache:
             "boxes": torch.cat(boxes).reshape(-1, 4),
             "scores": torch.cat(scores).reshape(-1),
             "offsets": torch.tensor(offsets, dtype=torch.int64),
-            "views": torch.cat(views_l).reshape(-1, len(spec.views), backbone.embed_dim),
+            "views": torch.cat(views_l).reshape(offsets[-1], len(spec.views), backbone.embed_dim),
             "image_embeds": torch.stack(embeds),
             "sizes": torch.stack(sizes),
         }
@@ -728,6 +836,16 @@ class FeatureCache:
             "proposals": self.index["inputs"]["proposals"].get("name"),
             "bytes": sum(p.stat().st_size for p in self.root.glob("*.safetensors")),
         }
+
+
+def _ray_image_shard(loaded: tuple[ClipBackbone, Any], shard: tuple[Sequence[str], CacheSpec]) -> bytes:
+    """A Ray worker's job: :meth:`FeatureCache.image_shard` as safetensors bytes."""
+    from safetensors.torch import save
+
+    backbone, proposals = loaded
+    keys, spec = shard
+    tensors = FeatureCache.image_shard(backbone, proposals, keys, spec)
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
 
 
 class CachedProposals(ProposalSource):

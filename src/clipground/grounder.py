@@ -28,6 +28,7 @@ from .phrases import check_phrase
 from .errors import CheckpointNotFoundError, ClipgroundError
 from .images import ImageInput, load_image
 from .io import atomic_dir, write_json
+from .memory import trim
 from .methods import GroundingMethod, ImageState, Ranking, get_method_class
 from .proposals import ProposalSource, get_proposals
 
@@ -224,8 +225,10 @@ class Grounder:
         state = ImageState(image=img, key=image_key, feature_key=self.method.feature_key())
         if self.method.uses_proposals:
             state.proposals = self.proposals(img, image_key)
+            trim()  # selective search's buffers are freed: give them back before the encode's peak
         with torch.inference_mode():
             self.method.encode_image(state)
+        trim()
         self.state = state
         return self
 
@@ -248,6 +251,7 @@ class Grounder:
             states.append(st)
         with torch.inference_mode():
             self.method.encode_images(states)
+        trim()
         return states
 
     def reset_image(self) -> "Grounder":

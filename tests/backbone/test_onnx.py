@@ -82,6 +82,9 @@ def test_int8_export_close_and_smaller(tiny_clip_dir, exported, tmp_path):
     a, b = eager.encode_images(_images()).embeds, qb.encode_images(_images()).embeds
     cos = (a * b).sum(-1)
     assert cos.min() > 0.9  # quantised: close, not equal
+    texts = ["the red square", "a blue circle on the left", "x"]
+    ta, tb = eager.encode_texts(texts).embeds, qb.encode_texts(texts).embeds
+    assert (ta * tb).sum(-1).min() > 0.9 and not torch.equal(ta, tb)  # the int8 text tower too
     assert (q / meta["files"]["text"]).stat().st_size < (exported / "text.onnx").stat().st_size
 
 

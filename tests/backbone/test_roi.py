@@ -42,19 +42,29 @@ def test_pool_one_cell_is_that_patch() -> None:
 
 
 class _Counting:
-    """Wraps a backbone's encode_images to count the images it encodes."""
+    """Wraps a backbone's image encoders (whole lists and streams) to count the images they encode."""
 
     def __init__(self, bb: ClipBackbone):
         self.n = 0
         self.calls = 0
-        orig = bb.encode_images
+        orig, orig_stream = bb.encode_images, bb.encode_image_embeds
 
         def wrapped(images, *a, **kw):
             self.n += len(images)
             self.calls += 1
             return orig(images, *a, **kw)
 
+        def counted(images):
+            for im in images:
+                self.n += 1
+                yield im
+
+        def streamed(images, *a, **kw):
+            self.calls += 1
+            return orig_stream(counted(images), *a, **kw)
+
         bb.encode_images = wrapped  # type: ignore[method-assign]
+        bb.encode_image_embeds = streamed  # type: ignore[method-assign]
 
 
 def test_roi_encodes_once_whatever_k(tiny_clip_dir: Path) -> None:
@@ -67,6 +77,26 @@ def test_roi_encodes_once_whatever_k(tiny_clip_dir: Path) -> None:
     count.n = 0
     view_embeddings(bb, _scene(), boxes, ("crop", "blur"))
     assert count.n == 64
+
+
+def test_a_box_on_the_left_half_pools_only_left_half_patches() -> None:
+    """Pooling reads only the patches a box covers: changing the right half changes nothing."""
+    torch.manual_seed(0)
+    grid = (4, 6)
+    pe = torch.randn(24, 8)
+    left = torch.tensor([[0.0, 0.0, 0.5, 1.0]])  # normalized xyxy: the left half of the input
+    got = pool_boxes(pe, grid, left)[0]
+    cells = pe.reshape(4, 6, 8)
+    expect = torch.nn.functional.normalize(torch.nn.functional.normalize(cells[:, :3], dim=-1).reshape(-1, 8).mean(0), dim=0)
+    assert torch.allclose(got, expect, atol=1e-6)
+    right_changed = cells.clone()
+    right_changed[:, 3:] = torch.randn(4, 3, 8)
+    assert torch.equal(pool_boxes(right_changed.reshape(24, 8), grid, left)[0], got)
+    left_changed = cells.clone()
+    left_changed[:, 2] = torch.randn(4, 8)
+    assert not torch.allclose(pool_boxes(left_changed.reshape(24, 8), grid, left)[0], got, atol=1e-3)
+    weights = box_cover(left * torch.tensor([6.0, 4.0, 6.0, 4.0]), grid)[0]
+    assert weights[:, 3:].sum() == 0 and torch.all(weights[:, :3] == 1)
 
 
 def test_roi_pools_the_patches_of_the_box(tiny_clip_dir: Path) -> None:

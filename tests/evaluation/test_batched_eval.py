@@ -60,12 +60,13 @@ def test_batch_encodes_several_images_together(tiny_clip_dir, tmp_path):
     recs = [r for r in _records(tmp_path) if "broken" not in r.image]
     g = Grounder.load("zero-shot", backbone=str(tiny_clip_dir), proposals=SelectiveSearch(top_k=8), views=("crop",))
     sizes = []
-    orig = g.backbone.encode_images
+    orig = g.backbone.encode_image_embeds
 
     def counting(images, *a, **kw):
+        images = list(images)
         sizes.append(len(images))
         return orig(images, *a, **kw)
 
-    g.backbone.encode_images = counting
+    g.backbone.encode_image_embeds = counting
     res = evaluate(g, recs, progress=False, examples=0, image_batch=5)
-    assert len(sizes) == 1 and sizes[0] == sum(it.n_proposals for it in res.items[::3])  # 5 images, one call
+    assert len(sizes) == 1 and sizes[0] == sum(it.n_proposals for it in res.items[::3])  # 5 images, one stream

@@ -87,7 +87,8 @@ def _predict(g: Grounder, image: str, phrases: list[str]):
 
 
 @pytest.mark.parametrize("method,extra", [(m, ()) for m in METHODS]
-                         + [("proposal-attention", ("model.resolver_prior=true",))])
+                         + [("proposal-attention", ("model.resolver_prior=true",)),
+                            ("proposal-classifier", ("model.views=roi,crop", "model.roi_dense=final"))])
 def test_trains_from_cache_and_round_trips(method, extra, data, tiny_clip_dir, tmp_path):
     out = tmp_path / "run"
     final = _train(method, data, tiny_clip_dir, out, extra=extra)
@@ -95,8 +96,15 @@ def test_trains_from_cache_and_round_trips(method, extra, data, tiny_clip_dir, t
     assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     assert (final / "grounder.json").is_file()
+    card = (final / "RECIPE.md").read_text()  # the command that re-creates it travels with it
+    assert f"clipground train --method {method} --train {data[0]}" in card and "| acc" not in card
+    assert (final / "learning_curve.png").is_file()
     assert (final / "model.safetensors").is_file() == (method != "flyp")  # flyp has no head: CLIP is the model
     assert (final / "backbone").is_dir() == get_method_class(method).saves_backbone
+    # The fine-tuned scorers render views from pixels: their cache holds boxes and texts, no views.
+    spec = json.loads((out / "cache" / "train" / "index.json").read_text())["spec"]
+    assert spec["views"] == ([] if method in ("clip-finetune", "flyp") else json.loads((final / "grounder.json")
+                                                                                        .read_text())["config"]["views"])
 
     # Rebuild the trained model from the base backbone + the trainer's last checkpoint and
     # compare with what Grounder.from_pretrained(final) reads back.
@@ -136,7 +144,7 @@ def test_frozen_training_reads_only_the_cache(data, tiny_clip_dir, tmp_path, mon
 
     monkeypatch.setattr(ClipBackbone, "forward_image", boom)
     monkeypatch.setattr(ClipBackbone, "forward_text", boom)
-    monkeypatch.setattr("clipground.backbone.features.render_views", boom)
+    monkeypatch.setattr("clipground.backbone.features.iter_views", boom)
     _train("proposal-attention", data, tiny_clip_dir, tmp_path / "run", steps=3, cache=tmp_path / "cache")
 
 
@@ -198,16 +206,17 @@ def test_recall_ceiling_is_reported(data, tiny_clip_dir, tmp_path):
     assert item["labels"].sum() >= 1 and item["views"].shape[1:] == (2, cache.index["embed_dim"])
 
 
-def test_cached_and_live_features_agree(data, tiny_clip_dir, tmp_path):
+@pytest.mark.parametrize("spec", [CacheSpec(), CacheSpec(views=("roi", "crop"), roi_dense="final")])
+def test_cached_and_live_features_agree(spec, data, tiny_clip_dir, tmp_path):
     from clipground.data.jsonl import read_jsonl
     from clipground.training.recipes.scorers import FeatureDataset, LiveFeatures
 
     ann, props = data
     recs = read_jsonl(ann)[:6]
     bb = ClipBackbone.from_pretrained(tiny_clip_dir)
-    cache = FeatureCache.build(tmp_path / "c", recs, bb, get_proposals(f"file:{props}"), progress=False)
+    cache = FeatureCache.build(tmp_path / "c", recs, bb, get_proposals(f"file:{props}"), spec, progress=False)
     a = FeatureDataset(cache, recs, 0.5)
-    b = FeatureDataset(LiveFeatures(bb, cache.views, boxes_from=cache), recs, 0.5)
+    b = FeatureDataset(LiveFeatures(bb, cache.views, boxes_from=cache, roi=cache.spec.roi), recs, 0.5)
     for i in range(len(a)):
         x, y = a[i], b[i]
         for k in ("views", "geom", "image", "labels"):
@@ -304,3 +313,21 @@ def test_resolver_prior_is_the_zero_shot_answer_and_trains(data, tiny_clip_dir, 
     assert all(torch.isfinite(torch.tensor(_losses(out))))
     loaded = Grounder.from_pretrained(final, proposals=props)
     assert float(loaded.method.prior_weight) != 1.0  # initialised at 1, moved by training
+
+
+def test_fine_tuned_scorers_reuse_any_cache_of_the_same_boxes(data, tiny_clip_dir, tmp_path, capsys):
+    """clip-finetune / flyp read only boxes and texts: a frozen scorer's cache of the same images,
+    proposals and backbone serves them, whatever views it embeds; another proposal set does not."""
+    _train("proposal-classifier", data, tiny_clip_dir, tmp_path / "a", steps=2, cache=tmp_path / "c")
+    before = (tmp_path / "c" / "train" / "index.json").read_text()
+    capsys.readouterr()
+    _train("flyp", data, tiny_clip_dir, tmp_path / "b", steps=2, cache=tmp_path / "c")
+    assert "reusing the boxes and texts" in capsys.readouterr().out
+    assert (tmp_path / "c" / "train" / "index.json").read_text() == before
+    from clipground.data.jsonl import read_jsonl
+
+    recs = read_jsonl(data[0])
+    bb = ClipBackbone.from_pretrained(tiny_clip_dir)
+    assert FeatureCache.open_for_boxes(tmp_path / "c" / "train", recs, bb, get_proposals(f"file:{data[1]}")) is not None
+    assert FeatureCache.open_for_boxes(tmp_path / "c" / "train", recs, bb, get_proposals("selective-search")) is None
+    assert FeatureCache.open_for_boxes(tmp_path / "c" / "train", recs[:3], bb, get_proposals(f"file:{data[1]}")) is None

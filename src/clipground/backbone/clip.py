@@ -13,9 +13,10 @@ not in the local cache fails fast with one line instead of transformers' retry l
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch32"
 #: What a dense method can read as per-patch joint-space embeddings (see ``forward_image``).
 DENSE_EMBEDS = ("final", "value")
+#: Images the checkpoint's processor is given at once (bounds its full-size float copies).
+PREPROCESS_CHUNK = 8
 
 
 def _is_norm(name: str) -> bool:
@@ -281,8 +284,13 @@ class ClipBackbone(nn.Module):
         kw = {}
         if size:
             kw = {"size": {"height": int(size), "width": int(size)}, "crop_size": {"height": int(size), "width": int(size)}}
-        out = self.processor.image_processor(images=list(images), return_tensors="pt", **kw)
-        return out["pixel_values"].to(self.device)
+        images = list(images)
+        # A few images at a time: the processor holds every image of a call as a full-size float
+        # tensor, and a blur view is a whole photo. Each image is processed on its own, so the
+        # pixels are the same whatever the chunk.
+        parts = [self.processor.image_processor(images=images[i:i + PREPROCESS_CHUNK], return_tensors="pt",
+                                                **kw)["pixel_values"] for i in range(0, len(images), PREPROCESS_CHUNK)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.device)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenize with the checkpoint's tokenizer; refuses texts longer than the context."""
@@ -375,6 +383,23 @@ class ClipBackbone(nn.Module):
             torch.cat([p.patch_embeds for p in parts]),
             parts[0].grid,
         )
+
+    @torch.inference_mode()
+    def encode_image_embeds(self, images: Iterable[Image.Image], batch_size: int = 16) -> torch.Tensor:
+        """``(N, D)`` normalized embeddings of a stream of images, ``batch_size`` at a time.
+
+        The same batches and numbers as ``encode_images(list(images)).embeds``, but only one
+        batch of images is held and the patch outputs are dropped as each batch ends.
+        """
+        parts: list[torch.Tensor] = []
+        it = iter(images)
+        while True:
+            batch = list(itertools.islice(it, batch_size))
+            if not batch:
+                break
+            parts.append(self._encode_pixels(self.preprocess(batch)).embeds.clone())
+            del batch
+        return torch.cat(parts) if parts else torch.zeros(0, self.embed_dim)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> TextFeatures:

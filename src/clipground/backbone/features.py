@@ -18,7 +18,7 @@ method re-implements CLIP plumbing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from PIL import Image
 from ..errors import ConfigError
 from .clip import DENSE_EMBEDS, ClipBackbone, TextFeatures
 from .geometry import InputGeometry, clip_square_input, crop_fraction, square_geometry
-from .views import MASK_VIEW_KINDS, POOLED_VIEW_KINDS, blur_image, fgvp_view, render_views
+from .views import MASK_VIEW_KINDS, POOLED_VIEW_KINDS, blur_image, fgvp_view, iter_views
 
 # --------------------------------------------------------------------------- region features
 
@@ -134,15 +134,17 @@ def alpha_embeddings(backbone: ClipBackbone, images: Sequence[Image.Image], mask
     return list(torch.split(emb, counts))
 
 
-def _rendered(image: Image.Image, boxes: torch.Tensor, kinds: Sequence[str], masks: torch.Tensor | None
-              ) -> dict[str, list[Image.Image]]:
-    """The rendered views (``crop``, ``blur``, ``circle``, and ``fgvp`` from ``masks``) of every box."""
-    plain = tuple(k for k in kinds if k != "fgvp")
-    out = render_views(image, boxes, plain) if plain else {}
-    if "fgvp" in kinds:
-        blurred = blur_image(image)
-        out["fgvp"] = [fgvp_view(image, m, blurred) for m in masks]  # type: ignore[union-attr]
-    return out
+def _iter_rendered(image: Image.Image, boxes: torch.Tensor, kinds: Sequence[str], masks: torch.Tensor | None
+                   ) -> Iterator[Image.Image]:
+    """The rendered views (``crop``, ``blur``, ``circle``, and ``fgvp`` from ``masks``) of every box,
+    kind by kind, boxes in order, rendered one at a time (see :func:`~clipground.backbone.views.iter_views`)."""
+    blurred = blur_image(image) if "fgvp" in kinds else None
+    for kind in kinds:
+        if kind == "fgvp":
+            for m in masks:  # type: ignore[union-attr]
+                yield fgvp_view(image, m, blurred)
+        else:
+            yield from iter_views(image, boxes, (kind,))
 
 
 def view_embeddings_batch(backbone: ClipBackbone, images: Sequence[Image.Image], boxes: Sequence[torch.Tensor],
@@ -159,11 +161,9 @@ def view_embeddings_batch(backbone: ClipBackbone, images: Sequence[Image.Image],
     need_masks = any(v in MASK_VIEW_KINDS for v in views)
     mlist = [proposal_masks(b, im.size, None if masks is None else masks[i]) if need_masks else None
              for i, (im, b) in enumerate(zip(images, boxes))]
-    imgs: list[Image.Image] = []
-    for im, b, m in zip(images, boxes, mlist):
-        r = _rendered(im, b, rendered_kinds, m) if len(b) else {}
-        imgs += [x for k in rendered_kinds for x in r.get(k, [])]
-    emb = backbone.encode_images(imgs).embeds if imgs else torch.zeros(0, d)
+    # Views are rendered as the encoder takes them: one batch of images is held at a time.
+    stream = (v for im, b, m in zip(images, boxes, mlist) if len(b) for v in _iter_rendered(im, b, rendered_kinds, m))
+    emb = backbone.encode_image_embeds(stream) if rendered_kinds else torch.zeros(0, d)
     pooled = roi_embeddings(backbone, images, boxes, roi) if "roi" in views else None
     alpha = alpha_embeddings(backbone, images, mlist) if "alpha" in views else None  # type: ignore[arg-type]
     out, at = [], 0
@@ -193,26 +193,31 @@ def view_embeddings(backbone: ClipBackbone, image: Image.Image, boxes: torch.Ten
 
 
 def region_features(backbone: ClipBackbone, image: Image.Image, boxes: torch.Tensor, views: Sequence[str],
-                    patches: bool = False) -> dict[str, torch.Tensor]:
+                    patches: bool = False, roi: RoiView = RoiView()) -> dict[str, torch.Tensor]:
     """CLIP features of one image and its proposals: ``view_embeds (V, K, D)``, ``image_embed (D,)``
     and, with ``patches``, ``patch_embeds (P, D)``.
 
-    The whole image and all rendered views go through one :meth:`ClipBackbone.encode_images` call
-    per image (the ``alpha`` view, of box masks, through one more), so the values do not depend on
-    which other images are processed alongside (the feature cache stores exactly these).
+    The whole image and all rendered views go through one :meth:`ClipBackbone.encode_images`
+    call per image, so the values do not depend on which other images are processed alongside
+    (the feature cache stores exactly these). A ``roi`` view is pooled from one more encoding of
+    the padded image (:func:`roi_embeddings`, options in ``roi``); the ``alpha`` view, of box
+    masks, goes through one more call. ``views`` may be empty: only the whole image is encoded
+    (what the fine-tuned scorers read from a cache).
     """
     views = tuple(views)
+    rendered_kinds = tuple(v for v in views if v not in POOLED_VIEW_KINDS and v != "alpha")
     k = int(len(boxes))
-    rendered_kinds = tuple(v for v in views if v != "alpha")
     masks = proposal_masks(boxes, image.size) if any(v in MASK_VIEW_KINDS for v in views) else None
-    rendered = _rendered(image, boxes, rendered_kinds, masks) if k else {v: [] for v in rendered_kinds}
-    f = backbone.encode_images([image] + [im for v in rendered_kinds for im in rendered[v]])
+    rendered = list(_iter_rendered(image, boxes, rendered_kinds, masks)) if k else []
+    f = backbone.encode_images([image] + rendered)
     d = f.embeds.shape[-1]
     by_kind = dict(zip(rendered_kinds, f.embeds[1:].reshape(len(rendered_kinds), k, d)))
+    if "roi" in views:
+        by_kind["roi"] = roi_embeddings(backbone, [image], [boxes], roi)[0].to(f.embeds.dtype) if k else f.embeds.new_zeros(0, d)
     if "alpha" in views:
         by_kind["alpha"] = alpha_embeddings(backbone, [image], [masks])[0].to(f.embeds.dtype)  # type: ignore[list-item]
     out = {"image_embed": f.embeds[0],
-           "view_embeds": torch.stack([by_kind[v] for v in views]) if views else torch.zeros(0, k, d)}
+           "view_embeds": torch.stack([by_kind[v] for v in views]) if views else f.embeds.new_zeros(0, k, d)}
     if patches:
         out["patch_embeds"] = f.patch_embeds[0]
     return out
@@ -222,9 +227,12 @@ def _name(backbone: ClipBackbone | str) -> str:
     return backbone if isinstance(backbone, str) else backbone.name
 
 
-def region_feature_key(backbone: ClipBackbone | str, views: Sequence[str]) -> dict[str, Any]:
+def region_feature_key(backbone: ClipBackbone | str, views: Sequence[str], roi: RoiView = RoiView()) -> dict[str, Any]:
     """Identifies states holding :func:`region_features` (what a cached state is checked against)."""
-    return {"kind": "regions", "views": list(views), "backbone": _name(backbone)}
+    key: dict[str, Any] = {"kind": "regions", "views": list(views), "backbone": _name(backbone)}
+    if "roi" in views:
+        key["roi"] = roi.to_dict()
+    return key
 
 
 # --------------------------------------------------------------------------- dense features

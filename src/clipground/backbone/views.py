@@ -24,7 +24,7 @@ exactly the same views.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -113,15 +113,26 @@ def check_view_kinds(kinds: Sequence[str], pooled: bool = False, masked: Sequenc
     return kinds
 
 
-def render_views(image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[float]],
-                 kinds: Sequence[str] = VIEW_KINDS) -> dict[str, list[Image.Image]]:
-    """Render each of ``kinds`` for every box; the blur is computed once per image."""
+def iter_views(image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[float]],
+               kinds: Sequence[str] = VIEW_KINDS) -> Iterator[Image.Image]:
+    """Every box's view of each of ``kinds`` (kind by kind, boxes in order), rendered one at a time.
+
+    Consumed in encoder batches, only a batch of views is ever held (a blur view is a
+    full-size copy of the image); the blur is computed once per image.
+    """
     unknown = set(kinds) - set(VIEW_KINDS)
     if unknown:
         raise ValueError(f"unknown view kind(s) {sorted(unknown)}; choose from {VIEW_KINDS}")
     boxes = [list(map(float, b)) for b in (boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes)]
-    out: dict[str, list[Image.Image]] = {}
-    blurred = blur_image(image) if "blur" in kinds else None
+    blurred = blur_image(image) if "blur" in kinds and boxes else None
     for k in kinds:
-        out[k] = [render_view(k, image, b, blurred) for b in boxes]
-    return out
+        for b in boxes:
+            yield render_view(k, image, b, blurred)
+
+
+def render_views(image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[float]],
+                 kinds: Sequence[str] = VIEW_KINDS) -> dict[str, list[Image.Image]]:
+    """Render each of ``kinds`` for every box (all held at once: :func:`iter_views` streams them)."""
+    views = iter_views(image, boxes, kinds)
+    n = len(boxes)
+    return {k: [next(views) for _ in range(n)] for k in kinds}

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from ..backbone.hub import WORLD_CLIP
-from .common import quiet_transformers
+from .common import EngineOpt, RayAddressOpt, RayGpusOpt, RayWorkersOpt, quiet_transformers
 
 cache_app = typer.Typer(help="Proposal + CLIP feature cache for fast training on a frozen backbone.",
                         no_args_is_help=True)
@@ -33,6 +33,10 @@ def build(
     split: str | None = typer.Option(None, "--split", help="Keep only records of this split."),
     limit: int | None = typer.Option(None, "--limit", help="Use at most this many records."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Overwrite a cache built from different inputs (default: refuse)."),
+    engine: str = EngineOpt,
+    ray_address: str | None = RayAddressOpt,
+    ray_workers: int = RayWorkersOpt,
+    ray_gpus: float = RayGpusOpt,
 ) -> None:
     """Run the proposal source and the frozen CLIP once per image; store boxes and features.
 
@@ -45,9 +49,11 @@ def build(
     from ..backbone import ClipBackbone
     from ..cache import CacheSpec, FeatureCache
     from ..data.loaders import load_records
+    from ..distributed import engine_from_options
     from ..proposals import get_proposals
 
     quiet_transformers()
+    ray_engine = engine_from_options(engine, ray_address, ray_workers, ray_gpus)
     console = Console(stderr=True)
     p = Path(data)
     if p.is_dir() and (p / "world.json").is_file():
@@ -70,13 +76,26 @@ def build(
                      noun_phrases=noun_phrases)
     bb = ClipBackbone.from_pretrained(backbone)
     existed = (Path(out) / "index.json").is_file()
-    cache = FeatureCache.build(out, records, bb, get_proposals(proposals) if kind == "regions" else None, spec,
-                               rebuild=rebuild)
+    source = get_proposals(proposals) if kind == "regions" else None
+    loader = None
+    if ray_engine is not None:
+        from functools import partial
+
+        loader = partial(worker_models, backbone, source, "cuda" if ray_engine.gpus > 0 else "cpu")
+    cache = FeatureCache.build(out, records, bb, source, spec, rebuild=rebuild, engine=ray_engine, loader=loader)
     s = cache.summary()
     verb = "resumed/reused" if existed else "built"
     console.print(f"{verb} {s['kind']} feature cache {out}: {s['images']} images, {s['texts']} expressions"
                   + (f" ({s['skipped_texts']} too long for the text encoder, skipped)" if s["skipped_texts"] else "")
                   + f", {s['bytes'] / 1e6:.1f} MB, fingerprint {s['fingerprint'][:16]}")
+
+
+def worker_models(backbone: str, proposals, device: str = "cpu"):
+    """What a Ray actor of ``cache build`` loads once: its own backbone, and the proposal source."""
+    from ..backbone import ClipBackbone
+
+    quiet_transformers()
+    return ClipBackbone.from_pretrained(backbone, device=device), proposals
 
 
 @cache_app.command("info")

@@ -21,6 +21,14 @@ RuntimeOpt = typer.Option(
     "torch", "--runtime",
     help="What runs the CLIP towers: torch, or onnx (--backbone is then a `clipground export onnx` directory).",
 )
+EngineOpt = typer.Option(
+    "local", "--engine",
+    help="What runs the images: local (this process) or ray (Ray Data actors, one model each; pip install 'clipground[ray]').",
+)
+RayAddressOpt = typer.Option(None, "--ray-address", help="--engine ray: an existing Ray cluster (default: start a local one).")
+RayWorkersOpt = typer.Option(0, "--ray-workers", help="--engine ray: actors, one model each (0: one per --ray-gpus GPUs, else one per 4 CPUs).")
+RayGpusOpt = typer.Option(0.0, "--ray-gpus", help="--engine ray: GPUs per actor (its model then runs on cuda).")
+ShardSizeOpt = typer.Option(32, "--shard-size", help="--engine ray: images per shard (the unit of work and of resumption).")
 OptionOpt = typer.Option(None, "--option", "-o", help="Method option key=value (repeatable), e.g. -o views=crop,blur.")
 
 
@@ -41,7 +49,8 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def build_grounder(method: str, backbone: str, proposals: str, options: list[str] | None, runtime: str = "torch"):
+def build_grounder(method: str, backbone: str, proposals: str, options: list[str] | None, runtime: str = "torch",
+                   device: str = "cpu"):
     """A Grounder from CLI options; ``method`` may be a trained-method directory (with ``runtime``
     ``onnx``, ``backbone`` is then the export of its backbone)."""
     from ..grounder import Grounder
@@ -49,7 +58,16 @@ def build_grounder(method: str, backbone: str, proposals: str, options: list[str
     quiet_transformers()
     if os.path.isdir(method):
         return Grounder.from_pretrained(method, proposals=None if proposals == "selective-search" else proposals,
-                                        options=parse_options(options), runtime=runtime,
+                                        device=device, options=parse_options(options), runtime=runtime,
                                         onnx_dir=backbone if runtime == "onnx" else None)
-    return Grounder.load(method=method, backbone=backbone, proposals=proposals, runtime=runtime,
+    return Grounder.load(method=method, backbone=backbone, proposals=proposals, runtime=runtime, device=device,
                          **parse_options(options))
+
+
+def grounder_loader(engine, method: str, backbone: str, proposals: str, options: list[str] | None,
+                    runtime: str = "torch"):
+    """What each Ray actor calls once to build its own grounder (on its GPU with ``--ray-gpus``)."""
+    from functools import partial
+
+    device = "cuda" if engine is not None and engine.gpus > 0 else "cpu"
+    return partial(build_grounder, method, backbone, proposals, list(options or []), runtime, device)

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, RuntimeOpt, build_grounder
+from .common import (BackboneOpt, EngineOpt, MethodOpt, OptionOpt, ProposalsOpt, RayAddressOpt, RayGpusOpt, RayWorkersOpt,
+                     RuntimeOpt, ShardSizeOpt, build_grounder, grounder_loader)
 
 
 def eval_command(
@@ -33,15 +34,22 @@ def eval_command(
     label: str | None = typer.Option(None, "--label", help="Name of this run in comparison tables (default: the method)."),
     num_workers: int = typer.Option(0, "--num-workers", "-j", help="Data-loader worker processes decoding images and running proposals alongside the CLIP forward (0: none)."),
     image_batch: int = typer.Option(1, "--image-batch", help="Images whose views are encoded in one batch (results equal one at a time)."),
+    engine: str = EngineOpt,
+    ray_address: str | None = RayAddressOpt,
+    ray_workers: int = RayWorkersOpt,
+    ray_gpus: float = RayGpusOpt,
+    shard_size: int = ShardSizeOpt,
 ) -> None:
     """Evaluate a grounding method: Acc@0.5 (IoU), Acc@0.75, mean IoU, P@1/5/10, proposal recall, breakdowns."""
     from ..data.loaders import load_records
+    from ..distributed import engine_from_options
     from ..errors import ClipgroundError
     from ..evaluation import evaluate, write_report
     from ..evaluation.report import BREAKDOWN_TITLES, METRIC_NAMES, breakdown_columns, describe_protocol, format_value, metric_rows
 
     err = Console(stderr=True)
     console = err if json_out else Console()
+    ray_engine = engine_from_options(engine, ray_address, ray_workers, ray_gpus)
     loaded = load_records(annotations, format=format, images=images, split=split, limit=limit)
     console.print(loaded.summary(), soft_wrap=True, markup=False)
     if not loaded.records:
@@ -50,7 +58,9 @@ def eval_command(
                               f"on disk{where}; point --images at the image folder")
     grounder = build_grounder(method, backbone, proposals, option, runtime)
     result = evaluate(grounder, loaded, progress=progress, examples=examples, label=label,
-                      num_workers=num_workers, image_batch=image_batch)
+                      num_workers=num_workers, image_batch=image_batch, engine=ray_engine,
+                      loader=grounder_loader(ray_engine, method, backbone, proposals, option, runtime),
+                      shard_dir=out / ".shards", shard_size=shard_size)
     files = write_report(result, out, plots=plots)
 
     if json_out:

@@ -51,7 +51,9 @@ def main() -> None:
     # attention/softmax layers produce denormals, and x86 arithmetic on them is far slower.
     torch.set_flush_denormal(True)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into a returned 130 when not standalone
+            raise KeyboardInterrupt
     except ClipgroundError as e:
         print(f"error: {printable(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -13,7 +13,8 @@ from rich.table import Table
 
 from ..errors import BadPhraseError
 from ..phrases import check_phrase, printable
-from .common import BackboneOpt, MethodOpt, OptionOpt, ProposalsOpt, RuntimeOpt, build_grounder
+from .common import (BackboneOpt, EngineOpt, MethodOpt, OptionOpt, ProposalsOpt, RayAddressOpt, RayGpusOpt, RayWorkersOpt,
+                     RuntimeOpt, ShardSizeOpt, build_grounder)
 
 
 #: What the table says for a phrase the method found no candidate for (``Prediction.fallback``).
@@ -34,6 +35,11 @@ def predict(
     num_workers: int = typer.Option(0, "--num-workers", "-j", help="Several images: data-loader workers decoding images and running proposals (0: none)."),
     image_batch: int = typer.Option(8, "--image-batch", help="Several images: images whose views are encoded in one batch."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Several images: show a progress bar (images/s)."),
+    engine: str = EngineOpt,
+    ray_address: str | None = RayAddressOpt,
+    ray_workers: int = RayWorkersOpt,
+    ray_gpus: float = RayGpusOpt,
+    shard_size: int = ShardSizeOpt,
 ) -> None:
     """Ground each phrase in IMAGE and print the box (xyxy pixels) and score.
 
@@ -41,13 +47,19 @@ def predict(
     ``--json`` writes one JSON object per image per line (JSONL).
     """
     from ..batching import is_batch_input
+    from ..distributed import engine_from_options
     from ..images import load_image
     from ..io import save_image, write_json
 
+    ray_engine = engine_from_options(engine, ray_address, ray_workers, ray_gpus)
     if is_batch_input(image):
         _predict_many(image, phrases, method, backbone, proposals, option, runtime, out, json_out, top_k, num_workers,
-                      image_batch, progress)
+                      image_batch, progress, ray_engine, shard_size)
         return
+    if ray_engine is not None:
+        from ..errors import ClipgroundError
+
+        raise ClipgroundError("--engine ray grounds many images: give a folder, a glob or a JSONL manifest")
     # Validate the cheap things before loading a model: bad input fails in milliseconds.
     pixels = load_image(image)
     if not phrases:
@@ -99,13 +111,42 @@ def _payload(g, key: str, state, preds, top_k: int) -> dict:
     }
 
 
+def predict_lines(g, jobs, num_workers: int = 0, image_batch: int = 8, top_k: int = 5,
+                  tick=None) -> list[str]:
+    """One JSON line per job (``{"image", ...predictions}`` or ``{"image", "error"}``), in job order.
+
+    The work of ``predict`` over many images, or of one shard of it on a Ray worker: the same
+    function either way, so the merged file equals the single-process one.
+    """
+    from ..batching import iter_image_states
+
+    lines: list[str] = []
+    for bs in iter_image_states(g, [j.image for j in jobs], num_workers=num_workers, image_batch=image_batch):
+        job = jobs[bs.index]
+        if tick is not None:
+            tick()
+        if bs.error is not None:
+            lines.append(json.dumps({"image": job.image, "error": bs.error}))
+            continue
+        g.set_image_state(bs.state)
+        preds = g.predict_batch(job.phrases)
+        lines.append(json.dumps(_payload(g, job.image, bs.state, preds, top_k)))
+    return lines
+
+
+def _predict_shard(g, shard) -> bytes:
+    """A Ray worker's job: :func:`predict_lines` of one shard, as JSONL bytes."""
+    jobs, num_workers, image_batch, top_k = shard
+    return "".join(line + "\n" for line in predict_lines(g, jobs, num_workers, image_batch, top_k)).encode("utf-8")
+
+
 def _predict_many(source: str, phrases: list[str] | None, method: str, backbone: str, proposals: str,
                   option: list[str], runtime: str, out: Path | None, json_out: str | None, top_k: int,
-                  num_workers: int, image_batch: int, progress: bool) -> None:
+                  num_workers: int, image_batch: int, progress: bool, ray_engine=None, shard_size: int = 32) -> None:
     """``predict`` over a folder, glob or manifest: one JSONL line per image, in input order."""
     from tqdm.auto import tqdm
 
-    from ..batching import expand_inputs, iter_image_states
+    from ..batching import expand_inputs
     from ..errors import ClipgroundError
     from ..io import atomic_write
 
@@ -118,30 +159,30 @@ def _predict_many(source: str, phrases: list[str] | None, method: str, backbone:
         if not j.phrases:
             raise BadPhraseError(f"no phrase for {j.image}: give phrases after the folder/glob, or list them in the manifest")
     g = build_grounder(method, backbone, proposals, option, runtime)
-    lines: list[str] = []
-    failed = 0
     console = Console()
+    bar = tqdm(total=len(jobs), unit="img", desc="predicting", disable=not progress, leave=False)
+    if ray_engine is None:
+        text = "".join(line + "\n" for line in predict_lines(g, jobs, num_workers, image_batch, top_k,
+                                                              tick=lambda: bar.update(1)))
+        store = None
+    else:
+        text, store = _predict_on_ray(g, jobs, method, backbone, proposals, option, runtime, json_out, top_k,
+                                      num_workers, image_batch, ray_engine, shard_size, bar)
+    rate = bar.format_dict.get("rate")
+    bar.close()
+    rows = [json.loads(line) for line in text.splitlines()]
     t = Table(title=escape(printable(f"{source} ({len(jobs)} images)")))
     for col in ("image", "phrase", "box (x1, y1, x2, y2)", "score"):
         t.add_column(col)
-    bar = tqdm(total=len(jobs), unit="img", desc="predicting", disable=not progress, leave=False)
-    for bs in iter_image_states(g, [j.image for j in jobs], num_workers=num_workers, image_batch=image_batch):
-        job = jobs[bs.index]
-        bar.update(1)
-        if bs.error is not None:
+    failed = 0
+    for row in rows:
+        if "error" in row:
             failed += 1
-            print(f"warning: {printable(job.image)}: {printable(bs.error)}", file=sys.stderr)
-            lines.append(json.dumps({"image": job.image, "error": bs.error}))
+            print(f"warning: {printable(row['image'])}: {printable(row['error'])}", file=sys.stderr)
             continue
-        g.set_image_state(bs.state)
-        preds = g.predict_batch(job.phrases)
-        lines.append(json.dumps(_payload(g, job.image, bs.state, preds, top_k)))
-        for p in preds:
-            t.add_row(escape(printable(job.image)), escape(p.phrase), ", ".join(f"{v:.1f}" for v in p.box),
-                      f"{p.score:.4f}")
-    rate = bar.format_dict.get("rate")
-    bar.close()
-    text = "".join(line + "\n" for line in lines)
+        for p in row["predictions"]:
+            t.add_row(escape(printable(row["image"])), escape(p["phrase"]), ", ".join(f"{v:.1f}" for v in p["box"]),
+                      f"{p['score']:.4f}")
     if json_out == "-":
         sys.stdout.write(text)
     else:
@@ -149,10 +190,31 @@ def _predict_many(source: str, phrases: list[str] | None, method: str, backbone:
         if json_out:
             atomic_write(json_out, text)
             console.print(f"wrote {json_out}")
+    if store is not None:
+        store.remove()
     if progress and rate:
         print(f"{len(jobs)} images, {rate:.2f} images/s", file=sys.stderr)
     if failed == len(jobs):
         raise ClipgroundError(f"no image could be grounded ({failed} failed)")
+
+
+def _predict_on_ray(g, jobs, method, backbone, proposals, option, runtime, json_out, top_k, num_workers, image_batch,
+                    ray_engine, shard_size, bar):
+    """The JSONL text of ``jobs`` computed in shards on Ray actors (kept in ``JSON.shards/`` to resume)."""
+    from ..distributed import MemoryStore, ShardStore, run_fingerprint, run_shards, shard_bounds
+    from .common import grounder_loader
+
+    bounds = shard_bounds(len(jobs), shard_size, image_batch)
+    shards = [(jobs[a:b], num_workers, image_batch, top_k) for a, b in bounds]
+    fp = run_fingerprint(kind="predict", jobs=[(j.image, j.phrases) for j in jobs], bounds=bounds, method=method,
+                         backbone=backbone, proposals=proposals, options=list(option or []), runtime=runtime,
+                         top_k=top_k, image_batch=image_batch, num_workers=num_workers)
+    store = ShardStore(f"{json_out}.shards", fp) if json_out and json_out != "-" else MemoryStore()
+    if store.stale:
+        print(f"warning: removed {store.stale} shard(s) of another run from {json_out}.shards", file=sys.stderr)
+    blobs, _ = run_shards(ray_engine, store, grounder_loader(ray_engine, method, backbone, proposals, option, runtime),
+                          _predict_shard, shards, tick=lambda i: bar.update(bounds[i][1] - bounds[i][0]))
+    return b"".join(blobs).decode("utf-8"), store
 
 
 def methods() -> None:

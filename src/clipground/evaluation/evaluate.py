@@ -17,6 +17,8 @@ Counting rule (the same everywhere):
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -224,59 +226,59 @@ def _pick_examples(items: Sequence[ItemResult], n: int) -> list[int]:
     return sorted(good[:n_good] + bad[:n_bad])
 
 
-def evaluate(
-    grounder: Any,
-    records: Sequence[GroundingRecord] | Any,
-    *,
-    batch_by_image: bool = True,
-    progress: bool = True,
-    examples: int = 16,
-    label: str | None = None,
-    states: Callable[[str], Any] | None = None,
-    num_workers: int = 0,
-    image_batch: int = 1,
-) -> EvalResult:
-    """Ground every record's expression in its image and score the boxes.
+@dataclass
+class EvalPart:
+    """The scored outcome of some image groups (a whole run, or one shard of it).
 
-    Args:
-        grounder: a :class:`~clipground.grounder.Grounder` (``set_image`` + ``predict_batch``).
-        records: records, or a :class:`~clipground.data.loaders.LoadResult` (its
-            kept/dropped counts then go into the protocol).
-        batch_by_image: one ``set_image`` per distinct image (``False``: one per record).
-        progress: show a tqdm bar.
-        examples: how many items to pick for the examples figure.
-        label: name of this run in comparison tables (default: the method name).
-        states: ``states(image) -> ImageState`` (e.g. ``FeatureCache.image_state``): the
-            image's heavy state, given to ``grounder.set_image_state`` instead of encoding it.
-        num_workers: decode images and run proposals in this many data-loader worker
-            processes, overlapping the CLIP forward (0: in this process).
-        image_batch: encode this many images' views together
-            (:func:`clipground.batching.iter_image_states`); results equal the one-by-one run.
+    One run's parts, in order, hold its items and failures in the order the single-process
+    run finds them; :func:`evaluate` builds the result from them (:func:`_result`), whichever
+    engine scored them.
     """
-    load = None
-    if hasattr(records, "records") and hasattr(records, "dropped"):
-        load, records = records, records.records
-    records = list(records)
+
+    items: list[ItemResult] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    t_image: float = 0.0
+    t_predict: float = 0.0
+    n_images: int = 0
+
+    def to_bytes(self) -> bytes:
+        """JSON (floats round-trip exactly), what a Ray worker sends and a shard file holds."""
+        return json.dumps({"items": [asdict(it) for it in self.items], "failures": self.failures,
+                           "t_image": self.t_image, "t_predict": self.t_predict,
+                           "n_images": self.n_images}).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "EvalPart":
+        d = json.loads(data.decode("utf-8"))
+        return cls([ItemResult(**it) for it in d["items"]], list(d["failures"]), float(d["t_image"]),
+                   float(d["t_predict"]), int(d["n_images"]))
+
+
+def score_groups(grounder: Any, records: Sequence[GroundingRecord], groups: list[list[int]], *,
+                 states: Callable[[str], Any] | None = None, num_workers: int = 0, image_batch: int = 1,
+                 bar: Any = None) -> EvalPart:
+    """Ground and score the records of ``groups`` (lists of indices into ``records``, one image each).
+
+    The work of one evaluation, or of one shard of it on a Ray worker: the same function
+    either way, so a sharded run scores exactly what the single-process run scores.
+    """
     uses_props = bool(getattr(grounder.method, "uses_proposals", False))
-    items: list[ItemResult] = []
-    failures: list[dict[str, Any]] = []
-    t_image = t_predict = 0.0
-    n_images = 0
+    part = EvalPart()
+    items, failures = part.items, part.failures
     t0 = time.perf_counter()
-    groups = _group_by_image(records, batch_by_image)
     batched = states is None and (num_workers > 0 or image_batch > 1)
-    bar = tqdm(total=len(records), unit="expr", desc="evaluating", disable=not progress, leave=False)
     for idx, image, error, seconds in _image_states(grounder, records, groups, states, batched, num_workers,
                                                      image_batch):
         if error is not None:
             failures.append({"image": image, "error": error, "items": len(idx)})
-            bar.update(len(idx))
+            if bar is not None:
+                bar.update(len(idx))
             continue
-        t_image += seconds
-        n_images += 1
+        part.t_image += seconds
+        part.n_images += 1
         t2 = time.perf_counter()
-        if progress and t_image > 0:
-            bar.set_postfix_str(f"{n_images / (time.perf_counter() - t0):.2f} images/s", refresh=False)
+        if bar is not None and part.t_image > 0:
+            bar.set_postfix_str(f"{part.n_images / (time.perf_counter() - t0):.2f} images/s", refresh=False)
         props = grounder.state.proposals.boxes if uses_props and grounder.state.proposals is not None else None
         if uses_props and props is None:
             props = torch.zeros(0, 4)
@@ -295,11 +297,117 @@ def evaluate(
                                          "items": 1, "scored_as": "miss"})
             for i, p in zip(chunk, preds):
                 items.append(_item(i, records[i], p, props))
-        t_predict += time.perf_counter() - t2
-        bar.update(len(idx))
-    bar.close()
-    total = time.perf_counter() - t0
+        part.t_predict += time.perf_counter() - t2
+        if bar is not None:
+            bar.update(len(idx))
+    return part
 
+
+def _score_shard(grounder: Any, shard: tuple[Any, ...]) -> bytes:
+    """A Ray worker's job: :func:`score_groups` on one shard, as bytes."""
+    records, groups, num_workers, image_batch = shard
+    return score_groups(grounder, records, groups, num_workers=num_workers, image_batch=image_batch).to_bytes()
+
+
+def evaluate(
+    grounder: Any,
+    records: Sequence[GroundingRecord] | Any,
+    *,
+    batch_by_image: bool = True,
+    progress: bool = True,
+    examples: int = 16,
+    label: str | None = None,
+    states: Callable[[str], Any] | None = None,
+    num_workers: int = 0,
+    image_batch: int = 1,
+    engine: Any = None,
+    loader: Callable[[], Any] | None = None,
+    shard_dir: str | os.PathLike | None = None,
+    shard_size: int = 32,
+) -> EvalResult:
+    """Ground every record's expression in its image and score the boxes.
+
+    Args:
+        grounder: a :class:`~clipground.grounder.Grounder` (``set_image`` + ``predict_batch``).
+        records: records, or a :class:`~clipground.data.loaders.LoadResult` (its
+            kept/dropped counts then go into the protocol).
+        batch_by_image: one ``set_image`` per distinct image (``False``: one per record).
+        progress: show a tqdm bar.
+        examples: how many items to pick for the examples figure.
+        label: name of this run in comparison tables (default: the method name).
+        states: ``states(image) -> ImageState`` (e.g. ``FeatureCache.image_state``): the
+            image's heavy state, given to ``grounder.set_image_state`` instead of encoding it.
+        num_workers: decode images and run proposals in this many data-loader worker
+            processes, overlapping the CLIP forward (0: in this process).
+        image_batch: encode this many images' views together
+            (:func:`clipground.batching.iter_image_states`); results equal the one-by-one run.
+        engine: a :class:`clipground.distributed.RayEngine`: score shards of ``shard_size``
+            images on Ray actors (the result equals the single-process one).
+        loader: with ``engine``, what each actor calls once to get its grounder (e.g. a
+            ``functools.partial`` of ``Grounder.load``); default: ``grounder`` itself, shipped.
+        shard_dir: with ``engine``, where finished shards are kept so a killed run resumes
+            (removed once the run is complete; default: in memory only).
+    """
+    load = None
+    if hasattr(records, "records") and hasattr(records, "dropped"):
+        load, records = records, records.records
+    records = list(records)
+    t0 = time.perf_counter()
+    groups = _group_by_image(records, batch_by_image)
+    bar = tqdm(total=len(records), unit="expr", desc="evaluating", disable=not progress, leave=False)
+    workers = 0
+    if engine is None:
+        parts = [score_groups(grounder, records, groups, states=states, num_workers=num_workers,
+                              image_batch=image_batch, bar=bar)]
+    else:
+        parts, workers = _sharded(grounder, records, groups, bar, engine=engine, loader=loader, states=states,
+                                  shard_dir=shard_dir, shard_size=shard_size, num_workers=num_workers,
+                                  image_batch=image_batch, batch_by_image=batch_by_image)
+    bar.close()
+    timing_extra = {"engine": "ray", "ray_workers": workers, "shard_size": shard_size} if engine is not None else {}
+    return _result(grounder, records, load, parts, time.perf_counter() - t0, batch_by_image=batch_by_image,
+                   batched=states is None and (num_workers > 0 or image_batch > 1), num_workers=num_workers,
+                   image_batch=image_batch, examples=examples, label=label, timing_extra=timing_extra)
+
+
+def _sharded(grounder: Any, records: list[GroundingRecord], groups: list[list[int]], bar: Any, *, engine: Any,
+             loader: Callable[[], Any] | None, states: Any, shard_dir: Any, shard_size: int, num_workers: int,
+             image_batch: int, batch_by_image: bool) -> tuple[list[EvalPart], int]:
+    """The parts of a run scored on Ray, shard by shard (kept in ``shard_dir`` to resume)."""
+    from functools import partial
+
+    from ..distributed import MemoryStore, ShardStore, run_fingerprint, run_shards, same, shard_bounds
+
+    if states is not None:
+        raise ClipgroundError("a Ray evaluation encodes images on its workers; it cannot read image states")
+    batched = num_workers > 0 or image_batch > 1
+    bounds = shard_bounds(len(groups), shard_size, image_batch if batched else 1)
+    shards = [(records, groups[a:b], num_workers, image_batch) for a, b in bounds]
+    method = grounder.method
+    fp = run_fingerprint(kind="eval", records=[asdict(r) for r in records], bounds=bounds, method=method.name,
+                         config=method.config.to_dict() if hasattr(method, "config") else {},
+                         backbone=getattr(grounder.backbone, "name", ""),
+                         proposals=grounder.proposals.config() if grounder.proposals is not None else None,
+                         batch_by_image=batch_by_image, num_workers=num_workers, image_batch=image_batch)
+    store = ShardStore(shard_dir, fp) if shard_dir is not None else MemoryStore()
+    sizes = [sum(len(g) for g in groups[a:b]) for a, b in bounds]
+    blobs, workers = run_shards(engine, store, loader or partial(same, grounder), _score_shard, shards,
+                                tick=lambda i: bar.update(sizes[i]))
+    parts = [EvalPart.from_bytes(b) for b in blobs]
+    store.remove()
+    return parts, workers
+
+
+def _result(grounder: Any, records: list[GroundingRecord], load: Any, parts: Sequence[EvalPart], total: float, *,
+            batch_by_image: bool, batched: bool, num_workers: int, image_batch: int, examples: int,
+            label: str | None, timing_extra: dict[str, Any]) -> EvalResult:
+    """The one way a run's parts become its :class:`EvalResult` (metrics, protocol, counts, timing)."""
+    items = [it for p in parts for it in p.items]
+    failures = [f for p in parts for f in p.failures]
+    t_image = sum(p.t_image for p in parts)
+    t_predict = sum(p.t_predict for p in parts)
+    n_images = sum(p.n_images for p in parts)
+    uses_props = bool(getattr(grounder.method, "uses_proposals", False))
     metrics, breakdown = compute_metrics(items)
     method = grounder.method
     props_cfg = grounder.proposals.config() if uses_props and grounder.proposals is not None else None
@@ -335,6 +443,7 @@ def evaluate(
         "expressions_per_second": round(len(items) / total, 3) if total > 0 else 0.0,
         "num_workers": int(num_workers) if batched else 0,
         "image_batch": int(image_batch) if batched else 1,
+        **timing_extra,
     }
     return EvalResult(label or method.name, metrics, breakdown, protocol, counts, timing, failures, items,
                       _pick_examples(items, examples))

@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from ..backbone import ClipBackbone
+from ..backbone.features import RoiView
 from ..errors import UnknownNameError
 from ..options import from_dict
 from ..proposals import Proposals
@@ -65,6 +66,26 @@ class MethodConfig:
         """Build the config from options of any origin (Python values, JSON, ``-o key=value`` strings),
         each coerced to its field's type by the one option parser (:mod:`clipground.options`)."""
         return from_dict(cls, d, what="option", owner=cls.__name__)
+
+
+@dataclass
+class RegionViewConfig(MethodConfig):
+    """Options of methods that describe each proposal by CLIP views of it.
+
+    Attributes:
+        views: view kinds (``crop``, ``blur``, ``circle``: rendered per box; ``roi``: pooled
+            from one whole-image encoding, see ``roi_size``/``roi_dense``).
+        roi_size: ``roi`` view: side the whole image is encoded at (0: the checkpoint's own).
+        roi_dense: ``roi`` view: pooled patch embeddings, ``value`` (MaskCLIP) or ``final``.
+    """
+
+    views: tuple[str, ...] = ("crop", "blur")
+    roi_size: int = 0
+    roi_dense: str = "value"
+
+    @property
+    def roi(self) -> RoiView:
+        return RoiView(self.roi_size, self.roi_dense)
 
 
 class GroundingMethod(nn.Module):

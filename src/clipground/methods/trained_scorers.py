@@ -45,7 +45,7 @@ from ..backbone.features import region_feature_key, region_features
 from ..backbone.views import check_view_kinds
 from ..errors import ConfigError
 from ..relations import parse, score_expression
-from .base import GroundingMethod, ImageState, MethodConfig, Ranking, register_method
+from .base import GroundingMethod, ImageState, MethodConfig, Ranking, RegionViewConfig, register_method
 from .view_scoring import ViewScorer, ViewScorerConfig
 
 #: Columns of :func:`box_geometry`.
@@ -155,10 +155,11 @@ class _FrozenFeatureScorer(GroundingMethod):
     needs_tokens = False
 
     def feature_key(self) -> dict[str, Any]:
-        return region_feature_key(self.backbone, self.config.views)
+        return region_feature_key(self.backbone, self.config.views, self.config.roi)
 
     def encode_image(self, state: ImageState) -> None:
-        state.features.update(region_features(self.backbone, state.image, state.proposals.boxes, self.config.views))
+        state.features.update(region_features(self.backbone, state.image, state.proposals.boxes, self.config.views,
+                                              roi=self.config.roi))
 
     def feature_items(self, state: ImageState, phrases: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         """Per-phrase feature dicts of the current image (the inputs of :meth:`forward`)."""
@@ -223,12 +224,12 @@ def _np_features(views: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[to
 
 
 @dataclass
-class ProposalClassifierConfig(MethodConfig):
+class ProposalClassifierConfig(RegionViewConfig):
     """Options of :class:`ProposalClassifier`.
 
     Attributes:
-        views: view kinds whose CLIP embeddings describe a proposal (``alpha`` with a region-aware
-            backbone: the whole image with the proposal's box as the mask channel).
+        views, roi_size, roi_dense: the CLIP views describing a proposal (:class:`RegionViewConfig`;
+            ``alpha`` with a region-aware backbone: the whole image with the proposal's box as the mask channel).
         hidden: MLP width.
         depth: hidden layers of the MLP.
         dropout: dropout between MLP layers.
@@ -238,7 +239,6 @@ class ProposalClassifierConfig(MethodConfig):
             object noun phrases (parsed with the relation resolver's grammar).
     """
 
-    views: tuple[str, ...] = ("crop", "blur")
     hidden: int = 256
     depth: int = 2
     dropout: float = 0.1
@@ -256,7 +256,7 @@ class ProposalClassifier(_FrozenFeatureScorer):
     def __init__(self, backbone: ClipBackbone, config: ProposalClassifierConfig | None = None):
         super().__init__(backbone, config)
         c = self.config
-        check_view_kinds(c.views, masked=("alpha",))
+        check_view_kinds(c.views, pooled=True, masked=("alpha",))
         check_alpha_views(c.views, backbone)
         v, d = len(c.views), backbone.embed_dim
         in_dim = v * d + GEOMETRY_DIM + d + (v * d + v if c.interactions else 0) + (2 * v + 2 if c.noun_phrases else 0)
@@ -285,12 +285,12 @@ class ProposalClassifier(_FrozenFeatureScorer):
 
 
 @dataclass
-class ProposalAttentionConfig(MethodConfig):
+class ProposalAttentionConfig(RegionViewConfig):
     """Options of :class:`ProposalAttention`.
 
     Attributes:
-        views: view kinds whose CLIP embeddings describe a proposal (``alpha`` with a region-aware
-            backbone: the whole image with the proposal's box as the mask channel).
+        views, roi_size, roi_dense: the CLIP views describing a proposal (:class:`RegionViewConfig`;
+            ``alpha`` with a region-aware backbone: the whole image with the proposal's box as the mask channel).
         d_model: width of the Transformer.
         heads: attention heads.
         layers: encoder layers.
@@ -315,7 +315,6 @@ class ProposalAttentionConfig(MethodConfig):
             to overrule it. Needs ``noun_phrases``.
     """
 
-    views: tuple[str, ...] = ("crop", "blur")
     d_model: int = 128
     heads: int = 4
     layers: int = 3
@@ -376,7 +375,7 @@ class ProposalAttention(_FrozenFeatureScorer):
     def __init__(self, backbone: ClipBackbone, config: ProposalAttentionConfig | None = None):
         super().__init__(backbone, config)
         c = self.config
-        check_view_kinds(c.views, masked=("alpha",))
+        check_view_kinds(c.views, pooled=True, masked=("alpha",))
         check_alpha_views(c.views, backbone)
         self.needs_tokens = bool(c.text_tokens)
         v, d, dm = len(c.views), backbone.embed_dim, c.d_model

@@ -22,24 +22,23 @@ from typing import Any
 import torch
 
 from ..backbone.alpha import check_alpha_views
-from ..backbone.features import RoiView, view_embeddings_batch
+from ..backbone.features import view_embeddings_batch
 from ..backbone.hub import BUNDLED, companion_checkpoint
 from ..backbone.views import MASK_VIEW_KINDS, check_view_kinds
 from ..errors import ConfigError
 from ..relations import score_expression
 from ..segmenters import make_segmenter, segment_boxes
-from .base import GroundingMethod, ImageState, MethodConfig, Ranking
+from .base import GroundingMethod, ImageState, Ranking, RegionViewConfig
 
 
 @dataclass
-class ViewScorerConfig(MethodConfig):
-    """Options of a view scorer.
+class ViewScorerConfig(RegionViewConfig):
+    """Options of a view scorer (``views``, ``roi_size``, ``roi_dense``: see :class:`RegionViewConfig`).
 
     Attributes:
-        views: which views to ensemble (``crop``, ``blur``, ``circle``: rendered per box;
-            ``roi``: pooled from one whole-image encoding, see ``roi_size``/``roi_dense``;
-            ``alpha``: the whole image with the proposal's mask, needs a region-aware backbone;
-            ``fgvp``: the whole image blurred outside the proposal's mask; see ``masks``).
+        views: besides :class:`RegionViewConfig`'s kinds, ``alpha`` (the whole image with the
+            proposal's mask, needs a region-aware backbone) and ``fgvp`` (the whole image blurred
+            outside the proposal's mask); see ``masks``.
         relations: resolve spatial words with geometry rules (ReCLIP-style).
         size_words: with ``relations``, read size adjectives ("the large blue square") as
             "the biggest blue square": a crop scored on its own has lost its size, and
@@ -47,21 +46,16 @@ class ViewScorerConfig(MethodConfig):
         temperature: similarity scale for the resolver's probabilities; ``None`` uses the
             checkpoint's learned CLIP logit scale.
         prompt: template the phrase is put in before text encoding.
-        roi_size: ``roi`` view: side the whole image is encoded at (0: the checkpoint's own).
-        roi_dense: ``roi`` view: pooled patch embeddings, ``value`` (MaskCLIP) or ``final``.
         masks: mask views (``alpha``, ``fgvp``): ``box`` (each proposal's rectangle) or ``sam``
             (a segment of each proposal from SAM prompted with its box, computed once per image).
         sam_model: SAM checkpoint of ``masks=sam``; ``auto``: the bundled world SAM beside a
             bundled world CLIP (or a region-aware CLIP made from one), the hub SAM otherwise.
     """
 
-    views: tuple[str, ...] = ("crop", "blur")
     relations: bool = True
     size_words: bool = True
     temperature: float | None = None
     prompt: str = "{}"
-    roi_size: int = 0
-    roi_dense: str = "value"
     masks: str = "box"
     sam_model: str = "auto"
 
@@ -78,7 +72,7 @@ class ViewScorer(GroundingMethod):
         super().__init__(backbone, config)
         c = self.config
         check_view_kinds(c.views, pooled=True, masked=MASK_VIEW_KINDS)
-        self.roi = RoiView(c.roi_size, c.roi_dense)
+        self.roi = c.roi
         if c.masks not in MASK_SOURCES:
             raise ConfigError(f"masks must be one of {', '.join(MASK_SOURCES)}, got {c.masks!r}")
         check_alpha_views(c.views, backbone)

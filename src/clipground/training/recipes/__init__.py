@@ -226,13 +226,20 @@ def build_split_caches(args: TrainArgs, cfg: CachedRecipeConfig, backbone: Any, 
     return out
 
 
-def save_final(grounder: Any, out: str | os.PathLike, summary: dict[str, Any]) -> Path:
-    """Save the trained grounder to ``out/final`` and the run's summary to ``out/final_metrics.json``."""
+def save_final(grounder: Any, out: str | os.PathLike, summary: dict[str, Any], args: TrainArgs | None = None) -> Path:
+    """Save the trained grounder to ``out/final``, the run's summary to ``out/final_metrics.json``
+    and, given the run's ``args``, its ``RECIPE.md`` (command, config, cost, validation) in ``final``."""
     from ...io import write_json
+    from ..recipe_card import command_line, write_recipe_card
 
     final = Path(out) / "final"
     grounder.save_pretrained(final)
-    write_json(Path(out) / "final_metrics.json", json.loads(json.dumps(summary, default=float)))
+    summary = json.loads(json.dumps(summary, default=float))
+    if args is not None:
+        summary["command"] = command_line(args)
+    write_json(Path(out) / "final_metrics.json", summary)
+    if args is not None:
+        write_recipe_card(final, summary, summary["command"])
     return final
 
 

@@ -227,4 +227,4 @@ def train(args: TrainArgs) -> Path:
     return save_final(Grounder(method), args.out, {"step": result.step, "finished": result.finished,
                                                    "train": result.last_metrics, "val": result.last_eval,
                                                    "wall_time_s": result.wall_time_s, "cache": str(cache.root),
-                                                   "cache_fingerprint": cache.fingerprint})
+                                                   "cache_fingerprint": cache.fingerprint}, args)

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
 from ...backbone import ClipBackbone
-from ...backbone.features import region_features, text_features, too_long
+from ...backbone.features import RoiView, region_features, text_features, too_long
 from ...backbone.views import render_views
 from ...cache import CachedImage, CachedText, CacheSpec, FeatureCache, normalize_text
 from ...data.records import GroundingRecord
@@ -155,10 +155,11 @@ class LiveFeatures:
     """
 
     def __init__(self, backbone: ClipBackbone, views: Sequence[str], boxes_from: FeatureCache | None = None,
-                 proposals: Any = None):
+                 proposals: Any = None, roi: RoiView = RoiView()):
         if boxes_from is None and proposals is None:
             raise ValueError("LiveFeatures needs a cache or a proposal source for boxes")
         self.backbone, self.views, self.boxes_from, self.proposals = backbone, tuple(views), boxes_from, proposals
+        self.roi = roi
 
     def boxes(self, path: str) -> torch.Tensor:
         if self.boxes_from is not None:
@@ -172,7 +173,7 @@ class LiveFeatures:
 
         img = load_image(path)
         b = self.boxes(path)
-        f = region_features(self.backbone, img, b, self.views)
+        f = region_features(self.backbone, img, b, self.views, roi=self.roi)
         return CachedImage(path, img.size, b.clone(), torch.zeros(len(b)), {k: v.clone() for k, v in f.items()})
 
     def has_text(self, text: str) -> bool:
@@ -427,10 +428,25 @@ def flyp_loss(views: int) -> Callable[[Any, dict[str, Any]], tuple[torch.Tensor,
 def build_caches(args: TrainArgs, cfg: Any, backbone: ClipBackbone, train_records: list[GroundingRecord],
                  val_records: list[GroundingRecord] | None) -> tuple[FeatureCache, FeatureCache | None]:
     """Build/resume/reuse the train (and val) ``regions`` caches under ``--cache`` (default ``OUT/cache``)."""
-    spec = CacheSpec(views=tuple(cfg.model.views), patches=cfg.cache.patches, shard_size=cfg.cache.shard_size)
-    caches = build_split_caches(args, cfg, backbone, spec, {"train": train_records, "val": val_records or []},
+    # The fine-tuned scorers render their views from pixels at every step and read only the
+    # cached boxes (and texts): their cache embeds no views.
+    views = () if args.method in PIXEL_METHODS else tuple(cfg.model.views)
+    roi = getattr(cfg.model, "roi", RoiView())
+    spec = CacheSpec(views=views, patches=cfg.cache.patches, roi_size=roi.size, roi_dense=roi.dense,
+                     shard_size=cfg.cache.shard_size)
+    splits = {"train": train_records, "val": val_records or []}
+    reused: dict[str, FeatureCache] = {}
+    if args.method in PIXEL_METHODS:  # any complete cache of the same boxes and texts serves them
+        for split, recs in splits.items():
+            found = FeatureCache.open_for_boxes(args.cache_root / split, recs, backbone, proposals_for(args.proposals, split)) \
+                if recs else None
+            if found is not None:
+                print(f"feature cache ({split}): reusing the boxes and texts of {found.root}", flush=True)
+                reused[split] = found
+    caches = build_split_caches(args, cfg, backbone, spec, {k: v for k, v in splits.items() if k not in reused},
                                 lambda split: proposals_for(args.proposals, split))
-    return caches["train"], caches["val"]
+    caches.update(reused)
+    return caches["train"], caches.get("val")
 
 
 def scorer_validation(method: Any, val_cache: FeatureCache, val_records: Sequence[GroundingRecord]) -> Callable:
@@ -506,7 +522,7 @@ def train(args: TrainArgs) -> Path:
         "val": result.last_eval,
         "config": to_dict(cfg),
     }
-    return save_final(Grounder(method, proposals_for(args.proposals, "test")), args.out, summary)
+    return save_final(Grounder(method, proposals_for(args.proposals, "test")), args.out, summary, args)
 
 
 __all__ = [
