@@ -263,6 +263,18 @@ class _Builder:
     def __init__(self, backbone_override: str | None):
         self.override = backbone_override
         self.backbones: dict[str, Any] = {}
+        self.sources: dict[str, Any] = {}
+
+    def proposals(self, spec: str | None) -> Any:
+        """One source per spec for the whole run, each image's boxes computed once (selective search
+        is deterministic, so entries sharing a spec see exactly the boxes they would alone)."""
+        from clipground.proposals import get_proposals
+
+        if spec is None:
+            return None
+        if spec not in self.sources:
+            self.sources[spec] = get_proposals(spec).memoized()
+        return self.sources[spec]
 
     def __call__(self, entry: Entry, proposals: str | None) -> Any:
         from clipground.backbone import ClipBackbone
@@ -270,12 +282,13 @@ class _Builder:
         from clipground.methods import get_method_class
 
         if entry.dir is not None:
-            return Grounder.from_pretrained(entry.dir, proposals=proposals, options=entry.options)
+            return Grounder.from_pretrained(entry.dir, proposals=self.proposals(proposals), options=entry.options)
         get_method_class(entry.method)  # an unknown name fails before any checkpoint is loaded
         ref = self.override or entry.backbone
         if ref not in self.backbones:
             self.backbones[ref] = ClipBackbone.from_pretrained(ref)
-        return Grounder.load(entry.method, backbone=self.backbones[ref], proposals=proposals, **entry.options)
+        return Grounder.load(entry.method, backbone=self.backbones[ref], proposals=self.proposals(proposals),
+                             **entry.options)
 
 
 def find_curve(entry: Entry) -> Path | None:
@@ -318,9 +331,7 @@ def run_entry(entry: Entry, splits: Sequence[str], world: Path, out: Path, build
                 except (ValueError, TypeError) as e:  # e.g. an option value the method rejects
                     raise WorldResultsError(f"cannot build entry {entry.name!r}: {e}") from None
             elif grounder.method.uses_proposals and spec is not None:
-                from clipground.proposals import get_proposals
-
-                grounder.proposals = get_proposals(spec)
+                grounder.proposals = build.proposals(spec)
             console.print(f"  {split}: {len(records)} expressions ...")
             res = evaluate(grounder, records, progress=progress, label=entry.name)
             d = _report_dir(out, entry, split)

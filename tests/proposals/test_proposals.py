@@ -246,3 +246,30 @@ def test_torchvision_offline_gives_clear_error(tmp_path, monkeypatch):
 def test_torchvision_unknown_model():
     with pytest.raises(CheckpointNotFoundError, match="no detection model"):
         TorchvisionDetector(model="not_a_detector")(IMG, None)
+
+
+def test_memoized_source_computes_each_keyed_image_once():
+    from PIL import Image
+
+    from clipground.proposals import get_proposals
+
+    src = get_proposals("selective-search")
+    calls = []
+    memo = src.memoized()
+    raw = type(src).raw
+
+    def counting(self, image, key):
+        calls.append(key)
+        return raw(self, image, key)
+
+    img = Image.new("RGB", (64, 48), (30, 30, 30))
+    img.paste((200, 40, 40), (10, 10, 30, 30))
+    import unittest.mock as mock
+
+    with mock.patch.object(type(src), "raw", counting):
+        a, b = memo(img, "a.png"), memo(img, "a.png")
+        fresh = src(img, "a.png")
+        memo(img, None), memo(img, None)  # unkeyed images are never memoized
+    assert calls == ["a.png", "a.png", None, None]
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.boxes, fresh.boxes)
+    assert memo.config() == src.config() and not hasattr(src, "_memo")

@@ -44,7 +44,25 @@ class ProposalSource:
         """Return unfiltered ``(boxes xyxy, scores)`` for ``image``."""
         raise NotImplementedError
 
+    def memoized(self) -> "ProposalSource":
+        """A copy that computes each keyed image's proposals once and returns them again when the
+        same ``image_key`` comes back (for runs that revisit the same image files, such as a results
+        table evaluating many methods; keys must name unchanged images)."""
+        import copy
+
+        twin = copy.copy(self)
+        object.__setattr__(twin, "_memo", {})
+        return twin
+
     def __call__(self, image: Image.Image, image_key: str | None = None) -> Proposals:
+        memo = getattr(self, "_memo", None)
+        if memo is not None and image_key is not None:
+            if image_key not in memo:
+                memo[image_key] = self._propose(image, image_key)
+            return memo[image_key]
+        return self._propose(image, image_key)
+
+    def _propose(self, image: Image.Image, image_key: str | None) -> Proposals:
         w, h = image.size
         boxes, scores = self.raw(image, image_key)
         boxes = B.clip_to_image(B.as_boxes(boxes), w, h) if len(boxes) else torch.zeros(0, 4)
