@@ -57,7 +57,8 @@ DEFAULT_OUT = Path("results/world")
 DEFAULT_SPLITS = ("test", "compositional", "new-look", "paraphrase")
 BEGIN, END, ANCHOR = "<!-- WORLD-RESULTS:BEGIN -->", "<!-- WORLD-RESULTS:END -->", "<!-- RESULTS -->"
 CURVE_NAMES = ("learning_curve.png",)
-_ENTRY_KEYS = {"name", "method", "backbone", "dir", "proposals", "options", "train_command", "main"}
+_ENTRY_KEYS = {"name", "method", "backbone", "dir", "proposals", "options", "runtime", "train_command", "main"}
+RUNTIMES = ("torch", "onnx")
 
 
 class WorldResultsError(ClipgroundError):
@@ -78,7 +79,10 @@ class Entry:
             ``None``: selective search for ``method`` entries, as trained for ``dir`` entries.
         options: method config fields of a ``method`` entry; for a ``dir`` entry, the trained
             method's inference options only (e.g. the fusion regressor's ``tta``).
-        train_command: how to create ``dir`` (shown while it does not exist).
+        runtime: what runs a ``method`` entry's CLIP towers: ``torch``, or ``onnx`` (``backbone`` is
+            then a ``clipground export onnx`` directory).
+        train_command: how to create ``dir`` (or an ``onnx`` entry's ``backbone``), shown while it
+            does not exist.
         main: the method's row in the main table (its best configuration; one per method); the
             full table with every entry (ablations, older configurations) is ``world_results.md``.
     """
@@ -89,6 +93,7 @@ class Entry:
     dir: str | None = None
     proposals: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "torch"
     train_command: str | None = None
     main: bool = False
 
@@ -119,6 +124,9 @@ def parse_config(data: Any, source: str = "config") -> tuple[list[str], list[Ent
             raise WorldResultsError(f"{source}: entry {e.name!r} needs exactly one of 'method' or 'dir'")
         if e.method is not None and not e.backbone:
             raise WorldResultsError(f"{source}: entry {e.name!r} needs a 'backbone'")
+        if e.runtime not in RUNTIMES or (e.runtime != "torch" and e.method is None):
+            raise WorldResultsError(f"{source}: entry {e.name!r}: 'runtime' must be one of {', '.join(RUNTIMES)} "
+                                    f"(onnx only for a 'method' entry)")
         if not isinstance(e.main, bool):
             raise WorldResultsError(f"{source}: entry {e.name!r}: 'main' must be true or false")
         entries.append(e)
@@ -285,9 +293,10 @@ class _Builder:
             return Grounder.from_pretrained(entry.dir, proposals=self.proposals(proposals), options=entry.options)
         get_method_class(entry.method)  # an unknown name fails before any checkpoint is loaded
         ref = self.override or entry.backbone
-        if ref not in self.backbones:
-            self.backbones[ref] = ClipBackbone.from_pretrained(ref)
-        return Grounder.load(entry.method, backbone=self.backbones[ref], proposals=self.proposals(proposals),
+        key = (ref, entry.runtime)
+        if key not in self.backbones:
+            self.backbones[key] = ClipBackbone.from_pretrained(ref, runtime=entry.runtime)
+        return Grounder.load(entry.method, backbone=self.backbones[key], proposals=self.proposals(proposals),
                              **entry.options)
 
 
@@ -309,6 +318,9 @@ def run_entry(entry: Entry, splits: Sequence[str], world: Path, out: Path, build
     if entry.dir is not None and not entry_dir(entry).is_dir():
         cmd = entry.train_command or f"clipground train ... --out {Path(entry.dir).parent}"
         return Outcome(entry, "not-trained", f"not trained yet: {cmd}")
+    if entry.runtime == "onnx" and not Path(str(entry.backbone)).is_dir():
+        cmd = entry.train_command or f"clipground export onnx ... --out {entry.backbone}"
+        return Outcome(entry, "not-trained", f"not exported yet: {cmd}")
     outcome = Outcome(entry, "ok", curve=find_curve(entry))
     grounder = None
     try:

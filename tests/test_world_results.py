@@ -198,7 +198,9 @@ def test_failing_entry_is_reported_not_fatal(setup: dict, tmp_path: Path, tiny_c
     cfg = {"entries": [{"name": "bad", "method": "no-such-method", "backbone": bb},
                        {"name": "bad option", "method": "zero-shot", "backbone": bb, "options": {"views": ["nope"]}},
                        {"name": "unknown option", "method": "zero-shot", "backbone": bb, "options": {"colour": 1}},
-                       {"name": "untrained", "dir": str(tmp_path / "absent")}]}
+                       {"name": "untrained", "dir": str(tmp_path / "absent")},
+                       {"name": "unexported", "method": "zero-shot", "backbone": str(tmp_path / "onnx"), "runtime": "onnx",
+                        "train_command": "clipground export onnx --out x"}]}
     (tmp_path / "c.yaml").write_text(json.dumps(cfg))
     rc = wr.main(["--config", str(tmp_path / "c.yaml"), "--world", str(setup["world"]), "--existing-world",
                   "--out", str(tmp_path / "o"), "--quiet", "--backbone-override", str(tiny_clip_dir)])
@@ -208,6 +210,7 @@ def test_failing_entry_is_reported_not_fatal(setup: dict, tmp_path: Path, tiny_c
     assert ents["bad option"]["status"] == "error" and "views" in ents["bad option"]["message"]
     assert ents["unknown option"]["status"] == "error" and "colour" in ents["unknown option"]["message"]
     assert ents["untrained"]["status"] == "not-trained"
+    assert ents["unexported"]["status"] == "not-trained" and "not exported yet: clipground export onnx" in ents["unexported"]["message"]
     assert "No entry has results yet" in (tmp_path / "o" / "world_results.md").read_text()
 
 
@@ -217,6 +220,10 @@ def test_user_errors(setup: dict, tmp_path: Path) -> None:
         wr.parse_config({"entries": [{"name": "x", "method": "zero-shot", "backbone": "b", "dir": "d"}]})
     with pytest.raises(wr.WorldResultsError, match="unique"):
         wr.parse_config({"entries": [{"name": "a b", "dir": "d"}, {"name": "a-b", "dir": "e"}]})
+    with pytest.raises(wr.WorldResultsError, match="runtime"):
+        wr.parse_config({"entries": [{"name": "a", "method": "zero-shot", "backbone": "b", "runtime": "tvm"}]})
+    with pytest.raises(wr.WorldResultsError, match="runtime"):
+        wr.parse_config({"entries": [{"name": "a", "dir": "d", "runtime": "onnx"}]})
     with pytest.raises(wr.WorldResultsError, match="unknown key"):
         wr.parse_config({"entries": [{"name": "a", "dir": "d", "dirr": "e"}]})
     with pytest.raises(wr.WorldResultsError, match="RESULTS"):
