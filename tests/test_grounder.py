@@ -112,3 +112,21 @@ def test_save_and_from_pretrained_zero_shot(tiny_clip_dir, tmp_path):
     assert g2.method.config.views == ("crop", "circle")
     a, b = g(path, "the blue circle"), g2(path, "the blue circle")
     assert a.box == b.box and torch.allclose(a.scores, b.scores)
+
+
+def test_trained_source_names(tiny_clip_dir, tmp_path):
+    """A trainable method's bare name means its bundled world checkpoint (on the world CLIP only);
+    a training-free one is built on the backbone; a directory is itself; never untrained weights."""
+    from clipground.backbone.hub import WORLD_CLIP
+    from clipground.errors import CheckpointNotFoundError
+    from clipground.grounder import trained_source
+
+    assert trained_source("zero-shot", str(tiny_clip_dir)) is None
+    assert trained_source("proposal-attention", WORLD_CLIP) == "clipground/world-proposal-attention"
+    assert trained_source("proposal-attention") == "clipground/world-proposal-attention"
+    assert trained_source("clipground/world-proposal-attention", "anything") == "clipground/world-proposal-attention"
+    assert trained_source(str(tmp_path), str(tiny_clip_dir)) == str(tmp_path)
+    with pytest.raises(CheckpointNotFoundError, match="must be trained"):
+        trained_source("proposal-attention", str(tiny_clip_dir))
+    with pytest.raises(ClipgroundError, match="unknown method"):
+        trained_source("no-such-method", WORLD_CLIP)

@@ -316,3 +316,29 @@ def load(method: str = "zero-shot", backbone: str = DEFAULT_BACKBONE, proposals:
          **kwargs: Any) -> Grounder:
     """Shortcut for :meth:`Grounder.load`."""
     return Grounder.load(method=method, backbone=backbone, proposals=proposals, **kwargs)
+
+
+def trained_source(method: str, backbone: str | None = None) -> str | None:
+    """What a method NAME means where a user may also pass a trained directory (CLI, service).
+
+    ``None`` for a training-free method (build it on ``backbone``); a directory or bundled name
+    to load with :meth:`Grounder.from_pretrained` otherwise: the name itself when it is a saved
+    directory or a bundled grounder, and for a trainable method's bare name with the bundled world
+    CLIP as backbone (or none given) its shipped ``clipground/world-<method>``. A trainable name on
+    any other backbone is an error: untrained weights would answer silently wrong.
+    """
+    from .backbone.hub import WORLD_CLIP, bundled_grounder_dir, bundled_method_name
+
+    if os.path.isdir(method) or bundled_grounder_dir(method) is not None:
+        return method
+    mcls = get_method_class(method)
+    if mcls.recipe is None:
+        return None
+    name = bundled_method_name(method)
+    if backbone in (None, WORLD_CLIP) and bundled_grounder_dir(name) is not None:
+        return name
+    where = (f"no bundled world checkpoint {name} in this install" if backbone in (None, WORLD_CLIP)
+             else f"its bundled {name} runs only with --backbone {WORLD_CLIP}")
+    raise CheckpointNotFoundError(
+        f"method {method!r} must be trained ({where}): `clipground train --method {method} --train DATA "
+        f"--out runs/{method}`, then pass runs/{method}/final as the method")

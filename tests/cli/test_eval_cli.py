@@ -92,3 +92,18 @@ def test_eval_cli_on_real_refcocog_val(shared_data, tiny_clip_dir, tmp_path):
     assert m["metrics"]["count"] == 4 and m["counts"]["dropped"] == 4892
     # GT proposals found image 309 under its COCO 2017 name: the targets are among them
     assert m["metrics"]["proposal_recall@0.5"] == 1.0 and m["metrics"]["mean_proposals"] > 0
+
+
+def test_eval_untrained_method_name_is_one_line_error(tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    """`--method NAME` of a trainable method on a backbone it was not bundled for: a clear error,
+    never an evaluation of untrained weights."""
+    from clipground.testing import run_cli
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "x.png")
+    ann = tmp_path / "refs.jsonl"
+    ann.write_text('{"image": "x.png", "expression": "the red circle", "box": [0, 0, 4, 4]}\n')
+    code, out, err = run_cli(["eval", "--images", str(tmp_path), str(ann), "--method", "fusion-regressor", "--backbone", str(tiny_clip_dir),
+                              "--out", str(tmp_path / "o")], monkeypatch, capsys)
+    assert code != 0 and "must be trained" in err and "Traceback" not in err + out

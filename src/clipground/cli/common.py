@@ -53,11 +53,12 @@ def build_grounder(method: str, backbone: str, proposals: str, options: list[str
                    device: str = "cpu"):
     """A Grounder from CLI options; ``method`` may be a trained-method directory (with ``runtime``
     ``onnx``, ``backbone`` is then the export of its backbone)."""
-    from ..grounder import Grounder
+    from ..grounder import Grounder, trained_source
 
     quiet_transformers()
-    if os.path.isdir(method):
-        return Grounder.from_pretrained(method, proposals=None if proposals == "selective-search" else proposals,
+    source = trained_source(method, backbone)
+    if source is not None:
+        return Grounder.from_pretrained(source, proposals=None if proposals == "selective-search" else proposals,
                                         device=device, options=parse_options(options), runtime=runtime,
                                         onnx_dir=backbone if runtime == "onnx" else None)
     return Grounder.load(method=method, backbone=backbone, proposals=proposals, runtime=runtime, device=device,

@@ -24,22 +24,12 @@ from .common import quiet_transformers
 def demo_grounder(method: str, backbone: str, proposals: str | None, checkpoint: str | None) -> Any:
     """The grounder the demo runs: a saved directory, the bundled trained world checkpoint of a
     trainable method, or a training-free method on ``backbone``."""
-    from ..backbone.hub import bundled_grounder_dir, bundled_method_name
-    from ..errors import CheckpointNotFoundError
-    from ..grounder import Grounder
-    from ..methods import get_method_class
+    from ..grounder import Grounder, trained_source
 
-    if checkpoint is not None:
-        return Grounder.from_pretrained(checkpoint, proposals=proposals)
-    cls = get_method_class(method)
-    if cls.recipe is None:  # training-free
+    source = checkpoint or trained_source(method, backbone)
+    if source is None:  # training-free
         return Grounder.load(method, backbone=backbone, proposals=proposals or "selective-search")
-    name = bundled_method_name(method)
-    if bundled_grounder_dir(name) is None:
-        raise CheckpointNotFoundError(
-            f"no bundled world checkpoint for {method!r} in this install ({name}); train one with "
-            f"`clipground train --method {method} --train WORLD --out runs/{method}` and pass --checkpoint runs/{method}/final")
-    return Grounder.from_pretrained(name, proposals=proposals)
+    return Grounder.from_pretrained(source, proposals=proposals)
 
 
 def demo(

@@ -115,14 +115,15 @@ class Served:
 def load_methods(config: ServeConfig) -> dict[str, Served]:
     """Load every served method, the CLIP backbone once for all registered ones."""
     from ..backbone import ClipBackbone
-    from ..backbone.hub import bundled_grounder_dir
+    from ..grounder import trained_source
 
     out: dict[str, Served] = {}
     backbone = None
     for s in config.methods:
         spec = parse_method_spec(s)
-        if spec.directory or bundled_grounder_dir(spec.name) is not None:
-            g = Grounder.from_pretrained(spec.name, proposals=None if config.proposals == "selective-search"
+        source = spec.name if spec.directory else trained_source(spec.name, config.backbone)
+        if source is not None:
+            g = Grounder.from_pretrained(source, proposals=None if config.proposals == "selective-search"
                                          else config.proposals, options=spec.options)
         else:
             if backbone is None:
