@@ -34,8 +34,9 @@ def demo_grounder(method: str, backbone: str, proposals: str | None, checkpoint:
 
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder."),
-    method: str = typer.Option("zero-shot", "--method", "-m", help="Registered method (see `clipground methods`); "
-                               "trained ones run from their bundled world checkpoint."),
+    method: str = typer.Option("proposal-attention", "--method", "-m",
+                               help="Registered method (see `clipground methods`); trained ones run from their "
+                               "bundled world checkpoint (default: the best one without ground-truth boxes)."),
     checkpoint: str | None = typer.Option(None, "--checkpoint", help="A saved grounder directory to run instead."),
     scenes: int = typer.Option(4, "--scenes", help="Number of scenes to ground."),
     seed: int = typer.Option(0, "--seed", help="World seed."),
