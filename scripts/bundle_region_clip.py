@@ -15,60 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 from pathlib import Path
 
-import torch
-import yaml
-
 from clipground.backbone.hub import WORLD_REGION_CLIP
 from clipground.io import atomic_dir, write_json
-
-
-def recipe_md(summary: dict, command: str) -> str:
-    share = summary["trainable"]
-    lines = [
-        "# world-region-clip: how this checkpoint was made",
-        "",
-        "The bundled world CLIP v2 (`clipground/world-clip-v2`, not copied: named in `region_clip.json`) made",
-        "region-aware: a zero-initialised mask (alpha) convolution beside its patch embedding and peft LoRA",
-        "adapters on its vision attention, trained by `clipground train --method region-clip` with the",
-        "region-text contrastive loss on the synthetic world's **train** split (see",
-        "`clipground.training.recipes.region_clip`). Load it as a backbone",
-        "(`ClipBackbone.from_pretrained(\"clipground/world-region-clip\")`, e.g. `--backbone` with",
-        "`-o views=[alpha]`) or as a grounder (`Grounder.from_pretrained(\"clipground/world-region-clip\")`,",
-        "`clipground demo --method region-clip`).",
-        "",
-        "## Command",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        f"- trainable parameters: {int(share['trainable']):,} = {100 * share['share_of_vision']:.2f}% of the vision "
-        f"tower ({int(share['vision_params']):,}), {100 * share['share_of_model']:.2f}% of the whole CLIP",
-        f"- training data: {summary['train']['images']} scenes, {summary['train']['regions']} regions "
-        f"({summary['train']['regions_with_phrases']} described, {summary['train']['phrases']} phrases)",
-        f"- optimiser steps: {summary['steps']} x {summary['config']['train']['batch_size']} scenes",
-        f"- training wall time: {summary['train_seconds'] / 60:.1f} min on {platform.machine()} ({os.cpu_count()} CPU "
-        f"threads, torch {torch.__version__}); main-process CPU time {summary['cpu_seconds'] / 60:.1f} min (wall time "
-        "grows when other jobs share the CPU)",
-        "",
-        "## Validation metrics (final)",
-        "",
-        "The one evaluator on the world's `val` split (a fixed random subset of "
-        f"{summary['config']['data']['val_limit'] or 'all'} expressions), the ground-truth "
-        "boxes as candidates, the `alpha` view and the relation resolver:",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    for k, v in sorted(summary["val"].items()):
-        lines.append(f"| {k} | {v:.4f} |")
-    lines += ["", "## Full config", "", "```yaml", yaml.safe_dump(summary["config"], sort_keys=False).rstrip(), "```", ""]
-    return "\n".join(lines)
+from clipground.training.recipe_card import recipe_card
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,10 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_dir(args.out) as tmp:
         for f in (final / "backbone").iterdir():
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-        write_json(tmp / "grounder.json", {**meta, "backbone": WORLD_REGION_CLIP,
-                                           "proposals": {"name": "selective-search"}})
+        meta = {**meta, "backbone": WORLD_REGION_CLIP, "proposals": {"name": "selective-search"}}
+        write_json(tmp / "grounder.json", meta)
         write_json(tmp / "recipe.json", {"command": args.command, **summary})
-        (tmp / "RECIPE.md").write_text(recipe_md(summary, args.command), encoding="utf-8")
+        card = recipe_card(final, summary, args.command, meta)
+        card += (f"\nThe folder is also a region-aware backbone: `ClipBackbone.from_pretrained(\"{WORLD_REGION_CLIP}\")` "
+                 "(e.g. `--backbone` with `-o views=[alpha]`), on the base CLIP named in `region_clip.json`.\n")
+        (tmp / "RECIPE.md").write_text(card, encoding="utf-8")
         curve = args.run / "learning_curve.png"
         if curve.is_file():
             shutil.copy2(curve, tmp / "learning_curve.png")

@@ -3,7 +3,8 @@
 The checkpoints go through exactly the path real ones take: built with transformers,
 written with ``save_pretrained``, read back with ``from_pretrained``. The tokenizer is a
 byte-level CLIP BPE vocabulary without merges (every character is a token), built
-offline. :func:`run_cli` and :func:`assert_one_error_line` are shared by the CLI tests.
+offline. :func:`run_cli` and :func:`assert_one_error_line` are shared by the CLI tests;
+:func:`write_box_scene` draws the small three-object scene the method tests ground in.
 """
 
 from __future__ import annotations
@@ -132,3 +133,27 @@ def assert_one_error_line(code: int | None, err: str, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], f"{n!r} not in {lines[0]!r}"
     return lines[0]
+
+
+#: The three objects of :func:`write_box_scene` (xyxy pixels of a 64x48 image) and their colours.
+SCENE_BOXES = [[4.0, 6.0, 20.0, 22.0], [26.0, 4.0, 40.0, 30.0], [44.0, 14.0, 60.0, 40.0]]
+SCENE_COLOURS = [(220, 30, 30), (30, 60, 220), (30, 200, 40)]  # red, blue, green
+
+
+def write_box_scene(root: str | os.PathLike, shape: str = "rectangle") -> tuple[Path, Path]:
+    """Write ``scene.png`` (a red, a blue and a green ``rectangle`` or ``ellipse`` at
+    :data:`SCENE_BOXES` on grey) and its COCO ``instances.json`` into ``root``; return both paths."""
+    from PIL import Image, ImageDraw
+
+    root = Path(root)
+    img = Image.new("RGB", (64, 48), (90, 90, 90))
+    draw = getattr(ImageDraw.Draw(img), shape)
+    for (x1, y1, x2, y2), rgb in zip(SCENE_BOXES, SCENE_COLOURS):
+        draw([x1, y1, x2 - 1, y2 - 1], fill=rgb)
+    img.save(root / "scene.png")
+    coco = {"images": [{"id": 1, "file_name": "scene.png", "width": 64, "height": 48}],
+            "annotations": [{"id": i + 1, "image_id": 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                             "category_id": 1} for i, b in enumerate(SCENE_BOXES)],
+            "categories": [{"id": 1, "name": "box"}]}
+    (root / "instances.json").write_text(json.dumps(coco))
+    return root / "scene.png", root / "instances.json"

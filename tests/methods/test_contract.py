@@ -13,30 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from clipground import Grounder
 from clipground.errors import BadPhraseError, ClipgroundError
 from clipground.methods import METHODS
+from clipground.testing import SCENE_BOXES, write_box_scene
 
 PHRASES = ["the red box", "a blue box on the left", "the green box right of the red box"]
-BOXES = [[4.0, 6.0, 20.0, 22.0], [26.0, 4.0, 40.0, 30.0], [44.0, 14.0, 60.0, 40.0]]
+BOXES = SCENE_BOXES
 
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """An image with three boxes, its COCO instances file and a precomputed-proposals file."""
     root = tmp_path_factory.mktemp("contract")
-    img = Image.new("RGB", (64, 48), (90, 90, 90))
-    d = ImageDraw.Draw(img)
-    for (x1, y1, x2, y2), rgb in zip(BOXES, [(220, 30, 30), (30, 60, 220), (30, 200, 40)]):
-        d.rectangle([x1, y1, x2 - 1, y2 - 1], fill=rgb)
-    img.save(root / "scene.png")
-    coco = {"images": [{"id": 1, "file_name": "scene.png", "width": 64, "height": 48}],
-            "annotations": [{"id": i + 1, "image_id": 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                             "category_id": 1} for i, b in enumerate(BOXES)],
-            "categories": [{"id": 1, "name": "box"}]}
-    (root / "instances.json").write_text(json.dumps(coco))
+    write_box_scene(root)
     (root / "props.json").write_text(json.dumps({"scene.png": {"boxes": BOXES + [[0.0, 0.0, 64.0, 48.0]]}}))
     return root / "scene.png", root / "instances.json", root / "props.json"
 

@@ -3,12 +3,11 @@ region-clip method, SAM segments as masks, and the region-aware backbone under a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from clipground import Grounder
 from clipground.backbone import ClipBackbone
@@ -18,25 +17,15 @@ from clipground.backbone.views import blur_view, fgvp_view
 from clipground.errors import ConfigError
 from clipground.methods.region_clip import RegionClipScorer
 from clipground.proposals import get_proposals
+from clipground.testing import SCENE_BOXES, write_box_scene
 
-BOXES = [[4.0, 6.0, 20.0, 22.0], [26.0, 4.0, 40.0, 30.0], [44.0, 14.0, 60.0, 40.0]]
+BOXES = SCENE_BOXES
 PHRASES = ["the red box", "the blue box", "the green box"]
 
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("region_scene")
-    img = Image.new("RGB", (64, 48), (90, 90, 90))
-    d = ImageDraw.Draw(img)
-    for (x1, y1, x2, y2), rgb in zip(BOXES, [(220, 30, 30), (30, 60, 220), (30, 200, 40)]):
-        d.ellipse([x1, y1, x2 - 1, y2 - 1], fill=rgb)
-    img.save(root / "scene.png")
-    coco = {"images": [{"id": 1, "file_name": "scene.png", "width": 64, "height": 48}],
-            "annotations": [{"id": i + 1, "image_id": 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                             "category_id": 1} for i, b in enumerate(BOXES)],
-            "categories": [{"id": 1, "name": "box"}]}
-    (root / "instances.json").write_text(json.dumps(coco))
-    return root / "scene.png", root / "instances.json"
+    return write_box_scene(tmp_path_factory.mktemp("region_scene"), shape="ellipse")
 
 
 @pytest.fixture(scope="module")

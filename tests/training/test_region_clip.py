@@ -127,6 +127,9 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(world: Path, tiny_cl
     assert g.method.name == "region-clip" and isinstance(g.backbone, RegionClipBackbone)
     summary = json.loads((tmp_path / "a" / "final_metrics.json").read_text())
     assert 0 < summary["trainable"]["share_of_vision"] < 1
+    card = (full / "RECIPE.md").read_text()  # the one recipe card of `clipground train`, as every method's
+    assert summary["command"] in card and "clipground train --method region-clip" in card
+    assert "trainable share_of_vision" in card
 
 
 def _vg_from_coco128(shared: Path, out: Path, n_images: int = 3) -> Path:

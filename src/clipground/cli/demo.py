@@ -21,15 +21,15 @@ from ..backbone.hub import WORLD_CLIP
 from .common import quiet_transformers
 
 
-def demo_grounder(method: str, backbone: str, proposals: str | None, checkpoint: str | None) -> Any:
-    """The grounder the demo runs: a saved directory, the bundled trained world checkpoint of a
-    trainable method, or a training-free method on ``backbone``."""
+def demo_grounder(method: str, backbone: str, proposals: str | None, checkpoint: str | None) -> tuple[Any, str]:
+    """The grounder the demo runs and where it came from: a saved directory, the bundled trained
+    world checkpoint of a trainable method, or a training-free method on ``backbone``."""
     from ..grounder import Grounder, trained_source
 
     source = checkpoint or trained_source(method, backbone)
     if source is None:  # training-free
-        return Grounder.load(method, backbone=backbone, proposals=proposals or "selective-search")
-    return Grounder.from_pretrained(source, proposals=proposals)
+        return Grounder.load(method, backbone=backbone, proposals=proposals or "selective-search"), backbone
+    return Grounder.from_pretrained(source, proposals=proposals), source
 
 
 def demo(
@@ -62,10 +62,9 @@ def demo(
     for r in records:
         by_image[r.image].append(r)
     spec = f"gt:{world / 'instances_test.json'}" if proposals == "gt" else proposals
-    g = demo_grounder(method, backbone, spec, checkpoint)
+    g, source = demo_grounder(method, backbone, spec, checkpoint)
     t_load = time.perf_counter()
     name = g.method.name
-    source = checkpoint or (backbone if g.method.recipe is None else f"clipground/world-{name}")
     used = "no" if g.proposals is None else (proposals or getattr(g.proposals, "name", "default"))
     table = Table(title=f"clipground demo: {name}, {source}, {used} proposals")
     for col in ("scene", "phrase", "box (x1, y1, x2, y2)", "score", "IoU with truth"):

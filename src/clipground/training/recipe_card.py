@@ -33,9 +33,10 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def recipe_card(final: Path, summary: dict[str, Any], command: str) -> str:
-    """The RECIPE.md text of a saved grounder directory ``final`` trained by ``command``."""
-    meta = json.loads((final / "grounder.json").read_text(encoding="utf-8"))
+def recipe_card(final: Path, summary: dict[str, Any], command: str, meta: dict[str, Any] | None = None) -> str:
+    """The RECIPE.md text of a saved grounder directory ``final`` trained by ``command`` (``meta``:
+    its ``grounder.json`` as shipped, when a bundling step rewrote it)."""
+    meta = meta or json.loads((final / "grounder.json").read_text(encoding="utf-8"))
     seconds = summary.get("train_seconds", summary.get("wall_time_s"))
     steps = summary.get("steps", summary.get("step"))
     val = summary.get("val") or {}
@@ -56,6 +57,13 @@ def recipe_card(final: Path, summary: dict[str, Any], command: str) -> str:
         + (f"; feature cache built in {_fmt(round(float(summary['cache_seconds']) / 60, 1))} min"
            if summary.get("cache_seconds") else "") + " (this machine's CPU when it was trained).",
         "",
+    ]
+    facts = {k: v for k, v in (summary.get("train") or {}).items() if isinstance(v, (int, float, str))}
+    facts.update({f"trainable {k}": v for k, v in (summary.get("trainable") or {}).items()
+                  if isinstance(v, (int, float))})
+    if facts:
+        lines += ["## Training data", ""] + [f"- {k}: {_fmt(v)}" for k, v in facts.items()] + [""]
+    lines += [
         "## Validation at the end of training",
         "",
     ]
@@ -68,7 +76,7 @@ def recipe_card(final: Path, summary: dict[str, Any], command: str) -> str:
     lines += ["", "## Method config", "", "```yaml", yaml.safe_dump(meta["config"], sort_keys=False).rstrip(), "```"]
     if train_cfg.is_file():
         lines += ["", "## Training config", "", "```yaml", train_cfg.read_text(encoding="utf-8").rstrip(), "```"]
-    if (final / "learning_curve.png").is_file():
+    if any((d / "learning_curve.png").is_file() for d in (final, final.parent)):  # write_recipe_card copies it in
         lines += ["", "![learning curve](learning_curve.png)"]
     return "\n".join(lines) + "\n"
 

@@ -429,7 +429,8 @@ def train(args: TrainArgs) -> Path:
         "val": result.last_eval,
         "config": to_dict(cfg),
     }
-    return save_final(Grounder(method, get_proposals(args.proposals.replace("{split}", "test"))), args.out, summary)
+    return save_final(Grounder(method, get_proposals(args.proposals.replace("{split}", "test"))), args.out, summary,
+                      args)
 
 
 __all__ = [
